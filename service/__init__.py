@@ -1,0 +1,3 @@
+"""jdcloud-image-sync: a PostgreSQL copy of JD Cloud's VM image catalogue."""
+
+__version__ = "0.1.0"
