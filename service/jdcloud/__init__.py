@@ -1,0 +1,1 @@
+"""JD Cloud API access: request signing (signer), HTTP client and listing."""
