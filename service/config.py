@@ -1,0 +1,315 @@
+"""Settings: environment variables, optionally a TOML file, validated once at start-up.
+
+The variable names are part of the public contract (DESIGN.md). A TOML file given with
+``--config`` may set the same keys (``IMAGE_SYNC_INTERVAL = 600``); the environment wins.
+Every problem becomes a :class:`~service.errors.ConfigError` whose message is one line
+naming the variable; the CLI prints it and exits 2.
+
+Nothing here runs at import time: :func:`load_settings` builds a :class:`Settings` from
+the mappings it is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from service.errors import ConfigError
+
+SOURCES: tuple[str, ...] = ("public", "thirdparty", "private", "shared", "community")
+"""Every image source describeImages knows, in the order partitions are listed."""
+
+OFFLINE_SOURCES = frozenset({"public", "thirdparty"})
+"""Sources whose partition is two listings, ``offline=false`` and ``offline=true``."""
+
+DEFAULT_ENDPOINT = "https://vm.jdcloud-api.com"
+DEFAULT_REGIONS = "cn-north-1,cn-east-1,cn-east-2,cn-south-1"
+
+_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+
+# Variable name -> model field name. The order is the order of --help and docs.
+VARIABLES: dict[str, str] = {
+    "DATABASE_URL": "database_url",
+    "IMAGE_SYNC_DATA_DIR": "data_dir",
+    "JDCLOUD_ACCESS_KEY": "access_key",
+    "JDCLOUD_SECRET_KEY": "secret_key",
+    "JDCLOUD_SECURITY_TOKEN": "security_token",
+    "JDCLOUD_ENDPOINT": "endpoint",
+    "IMAGE_SYNC_REGIONS": "regions",
+    "IMAGE_SYNC_SOURCES": "sources",
+    "IMAGE_SYNC_INTERVAL": "interval",
+    "IMAGE_SYNC_CONCURRENCY": "concurrency",
+    "IMAGE_SYNC_RATE_LIMIT": "rate_limit",
+    "IMAGE_SYNC_PAGE_SIZE": "page_size",
+    "IMAGE_SYNC_HTTP": "http",
+    "IMAGE_SYNC_LOG_FORMAT": "log_format",
+    "IMAGE_SYNC_LOG_LEVEL": "log_level",
+    "IMAGE_SYNC_GRACE_PERIOD": "grace_period",
+    "IMAGE_SYNC_REQUEST_TIMEOUT": "request_timeout",
+    "IMAGE_SYNC_CONNECT_TIMEOUT": "connect_timeout",
+    "IMAGE_SYNC_MAX_ATTEMPTS": "max_attempts",
+    "IMAGE_SYNC_MAX_URL_LENGTH": "max_url_length",
+    "IMAGE_SYNC_STATEMENT_TIMEOUT": "statement_timeout",
+    **{f"IMAGE_SYNC_INTERVAL_{s.upper()}": f"interval_{s}" for s in SOURCES},
+}
+_FIELD_TO_VARIABLE = {v: k for k, v in VARIABLES.items()}
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _none_if_blank(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class Settings(BaseModel):
+    """The validated configuration. Secrets are :class:`SecretStr`, never printed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    database_url: SecretStr | None = None
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("jdcloud-image-sync"))
+    )
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    security_token: SecretStr | None = None
+    endpoint: str = DEFAULT_ENDPOINT
+    regions: tuple[str, ...] = tuple(DEFAULT_REGIONS.split(","))
+    sources: tuple[str, ...] = SOURCES
+    interval: float = Field(default=900, gt=0)
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    rate_limit: float = Field(default=10, ge=0)
+    page_size: int = Field(default=100, ge=10, le=100)
+    http: str = "127.0.0.1:8080"
+    log_format: Literal["text", "json"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    grace_period: float = Field(default=30, ge=0)
+    request_timeout: float = Field(default=30, gt=0)
+    connect_timeout: float = Field(default=10, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    max_url_length: int = Field(default=4096, ge=512)
+    statement_timeout: float = Field(default=300, ge=0)
+    interval_public: float | None = Field(default=None, gt=0)
+    interval_thirdparty: float | None = Field(default=None, gt=0)
+    interval_private: float | None = Field(default=None, gt=0)
+    interval_shared: float | None = Field(default=None, gt=0)
+    interval_community: float | None = Field(default=None, gt=0)
+
+    _blank_is_none = field_validator(
+        "database_url",
+        "access_key",
+        "secret_key",
+        "security_token",
+        "log_format",
+        *(f"interval_{s}" for s in SOURCES),
+        mode="before",
+    )(_none_if_blank)
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _regions(cls, value: Any) -> Any:
+        regions = _split_list(value)
+        if not regions:
+            raise ValueError("needs at least one region, e.g. cn-north-1")
+        for region in regions:
+            if not isinstance(region, str) or not _REGION_RE.match(region):
+                raise ValueError(f"{region!r} is not a region id like cn-north-1")
+        return tuple(dict.fromkeys(regions))
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        sources = _split_list(value)
+        if not sources:
+            raise ValueError(f"needs at least one of {', '.join(SOURCES)}")
+        for source in sources:
+            if source not in SOURCES:
+                raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
+        return tuple(dict.fromkeys(sources))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL like {DEFAULT_ENDPOINT}")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("must be a base URL without credentials, query or fragment")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {value!r}") from exc
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+            raise ValueError(
+                "must be a postgresql:// URL, e.g. postgresql://user:password@host:5432/db"
+            )
+        try:
+            parts.port  # noqa: B018
+        except ValueError:
+            raise ValueError("has a bad port") from None
+        if not parts.path.strip("/") and "host=" not in parts.query:
+            raise ValueError("names no database, e.g. postgresql://host:5432/inventory")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value.lower() == "off":
+            return "off"
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080) or 'off'")
+        return value
+
+    # -- derived values ---------------------------------------------------------------
+
+    @property
+    def is_local_endpoint(self) -> bool:
+        """True for a plain-http loopback endpoint: the built-in simulator or a test server."""
+        parts = urlsplit(self.endpoint)
+        host = parts.hostname or ""
+        if parts.scheme != "http":
+            return False
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """The status server's (host, port), or None when ``IMAGE_SYNC_HTTP=off``."""
+        if self.http == "off":
+            return None
+        host, _, port = self.http.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def interval_for(self, source: str) -> float:
+        """Seconds between syncs of one source's partitions."""
+        override: float | None = getattr(self, f"interval_{source}")
+        return override if override is not None else self.interval
+
+    def credentials(self) -> Credentials:
+        """The API key pair; the simulator's demo pair for a local endpoint without one."""
+        if self.access_key and self.secret_key:
+            return Credentials(
+                self.access_key,
+                self.secret_key.get_secret_value(),
+                self.security_token.get_secret_value() if self.security_token else None,
+            )
+        from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
+
+        return Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY, None)
+
+    def redacted(self) -> dict[str, str]:
+        """Every variable with its effective value, secrets masked: for logs and --help."""
+        out: dict[str, str] = {}
+        for variable, name in VARIABLES.items():
+            value = getattr(self, name)
+            if name == "database_url" and value is not None:
+                out[variable] = redact_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                out[variable] = "********"
+            elif isinstance(value, tuple):
+                out[variable] = ",".join(value)
+            else:
+                out[variable] = "" if value is None else str(value)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An access key pair; the secret never appears in ``repr``."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def load_settings(
+    environ: Mapping[str, str], config_file: Path | str | None = None, **overrides: Any
+) -> Settings:
+    """Validate settings from a TOML file (optional), the environment and ``overrides``.
+
+    Raises :class:`ConfigError` naming the first bad variable.
+    """
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        raw.update(_read_toml(Path(config_file)))
+    raw.update({VARIABLES[name]: value for name, value in environ.items() if name in VARIABLES})
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else ""
+        variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        value = error.get("input")
+        if name not in ("database_url", "secret_key", "security_token") and isinstance(
+            value, str | int | float
+        ):
+            message = f"{message} (got {value!r})"
+        raise ConfigError(variable, message) from None
+    if not settings.is_local_endpoint:
+        if not settings.access_key:
+            raise ConfigError(
+                "JDCLOUD_ACCESS_KEY", f"required for the endpoint {settings.endpoint}"
+            )
+        if settings.secret_key is None:
+            raise ConfigError(
+                "JDCLOUD_SECRET_KEY", f"required for the endpoint {settings.endpoint}"
+            )
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        variable = key.upper()
+        if variable not in VARIABLES:
+            raise ConfigError("--config", f"{path}: unknown key {key!r}")
+        out[VARIABLES[variable]] = value
+    return out

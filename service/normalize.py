@@ -1,0 +1,264 @@
+"""describeImages items -> typed rows (pure functions, no I/O).
+
+The API boundary: every item is parsed and validated once, here. An item that cannot
+be trusted (no ``imageId``, a wrong type, a negative size, a NUL character, an absurd
+size) raises :class:`InvalidItem`; the caller counts and reports it and keeps the
+other items. Unknown fields are kept in ``raw``.
+
+``createTime`` is Beijing time (UTC+8) without a zone; it becomes an aware datetime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")
+MAX_ITEM_BYTES = 256 * 1024
+"""An image object larger than this is rejected: no real image comes near it."""
+
+KNOWN_FIELDS = frozenset(
+    {
+        "imageId", "name", "platform", "osVersion", "architecture", "systemDiskSizeGB",
+        "imageSource", "osType", "status", "createTime", "sizeMB", "desc", "ownerPin",
+        "launchPermission", "systemDisk", "dataDisks", "snapshotId", "rootDeviceType",
+        "progress", "offline", "bootMode",
+    }
+)  # fmt: skip
+"""Fields describeImages documents; the others are kept in ``raw`` only."""
+
+
+class InvalidItem(ValueError):
+    """An API item that fails validation. ``image_id`` is set when the item had one."""
+
+    def __init__(self, reason: str, image_id: str | None = None) -> None:
+        self.reason = reason
+        self.image_id = image_id
+        super().__init__(f"{image_id or '<no imageId>'}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRow:
+    """One row of ``inventory.image_disks`` (without the image key)."""
+
+    position: int
+    role: str
+    device_name: str | None
+    disk_category: str | None
+    auto_delete: bool | None
+    cloud_disk_type: str | None
+    cloud_disk_size_gb: int | None
+    cloud_iops: int | None
+    cloud_snapshot_id: str | None
+    cloud_encrypted: bool | None
+    local_disk_type: str | None
+    local_disk_size_gb: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    """One row of ``inventory.images`` as the API describes it, with its disks.
+
+    ``raw_json`` is the item serialised with sorted keys (the ``raw`` column) and
+    ``content_hash`` its BLAKE2b-128 digest together with the source: equal hashes
+    mean nothing about the image changed.
+    """
+
+    region_id: str
+    image_id: str
+    image_source: str
+    name: str | None
+    platform: str | None
+    os_version: str | None
+    architecture: str | None
+    os_type: str | None
+    status: str | None
+    description: str | None
+    owner_pin: str | None
+    launch_permission: str | None
+    root_device_type: str | None
+    snapshot_id: str | None
+    boot_mode: str | None
+    system_disk_size_gb: int | None
+    size_mb: int | None
+    progress: int | None
+    created_at: datetime | None
+    offline: bool | None
+    raw_json: str
+    content_hash: bytes
+    disks: tuple[DiskRow, ...]
+
+
+IMAGE_COLUMNS = tuple(f for f in ImageRow.__slots__ if f not in ("raw_json", "disks"))  # type: ignore[attr-defined]
+DISK_COLUMNS: tuple[str, ...] = DiskRow.__slots__  # type: ignore[attr-defined]
+
+TRACKED_FIELDS: tuple[str, ...] = (
+    "image_source", "name", "platform", "os_version", "architecture", "os_type", "status",
+    "description", "owner_pin", "launch_permission", "root_device_type", "snapshot_id",
+    "boot_mode", "system_disk_size_gb", "size_mb", "progress", "created_at", "offline",
+    "disks", "extra",
+)  # fmt: skip
+"""The fields of an image's history document (events, ``images_as_of``): every column
+that describes the image, its disks as a JSON array, and ``extra``, the unknown API
+fields. A change to any of them is an event."""
+
+
+def _text(item: dict[str, Any], key: str, image_id: str | None) -> str | None:
+    value = item.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidItem(f"{key} should be a string, got {type(value).__name__}", image_id)
+
+
+def _int(item: dict[str, Any], key: str, image_id: str | None) -> int | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidItem(f"{key} should be an integer, got a boolean", image_id)
+    if isinstance(value, int):
+        number = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    ):
+        number = int(value)
+    elif isinstance(value, str) and not value.strip():
+        return None
+    else:
+        raise InvalidItem(f"{key} should be an integer, got {value!r:.40}", image_id)
+    if not 0 <= number <= 2_147_483_647:
+        raise InvalidItem(f"{key} out of range: {number}", image_id)
+    return number
+
+
+def _bool(item: dict[str, Any], key: str, image_id: str | None) -> bool | None:
+    value = item.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidItem(f"{key} should be a boolean, got {value!r:.40}", image_id)
+
+
+def _object(item: dict[str, Any], key: str, image_id: str | None) -> dict[str, Any] | None:
+    value = item.get(key)
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidItem(f"{key} should be an object, got {type(value).__name__}", image_id)
+
+
+def parse_create_time(value: str | None, image_id: str | None = None) -> datetime | None:
+    """``2020-08-21 11:36:36`` (Beijing time) -> aware datetime; also accepts ISO 8601."""
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidItem(f"createTime is not a time: {value!r:.40}", image_id) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=BEIJING)
+
+
+def _disk(attachment: Any, position: int, image_id: str) -> DiskRow:
+    if not isinstance(attachment, dict):
+        raise InvalidItem(f"disk {position} should be an object", image_id)
+    cloud = _object(attachment, "cloudDisk", image_id) or {}
+    local = _object(attachment, "localDisk", image_id) or {}
+    return DiskRow(
+        position=position,
+        role="system" if position == 0 else "data",
+        device_name=_text(attachment, "deviceName", image_id),
+        disk_category=_text(attachment, "diskCategory", image_id),
+        auto_delete=_bool(attachment, "autoDelete", image_id),
+        cloud_disk_type=_text(cloud, "diskType", image_id),
+        cloud_disk_size_gb=_int(cloud, "diskSizeGB", image_id),
+        cloud_iops=_int(cloud, "iops", image_id),
+        cloud_snapshot_id=_text(cloud, "snapshotId", image_id),
+        cloud_encrypted=_bool(cloud, "encrypted", image_id),
+        local_disk_type=_text(local, "diskType", image_id),
+        local_disk_size_gb=_int(local, "diskSizeGB", image_id),
+    )
+
+
+def _boot_mode(item: dict[str, Any], image_id: str) -> str | None:
+    mode = _text(item, "bootMode", image_id)
+    if mode is not None:
+        return mode
+    uefi = _bool(item, "uefiSupport", image_id)
+    return None if uefi is None else ("uefi" if uefi else "bios")
+
+
+def normalize_image(item: Any, *, region_id: str, image_source: str) -> ImageRow:
+    """Validate one API image object and turn it into an :class:`ImageRow`.
+
+    Raises :class:`InvalidItem` when the item cannot be trusted.
+    """
+    if not isinstance(item, dict):
+        raise InvalidItem(f"an image should be an object, got {type(item).__name__}")
+    image_id = item.get("imageId")
+    if not isinstance(image_id, str) or not image_id.strip():
+        raise InvalidItem("imageId missing or not a string")
+    if len(image_id) > 128:
+        raise InvalidItem("imageId longer than 128 characters", image_id[:40])
+    try:
+        raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:  # pragma: no cover - items come from JSON, always serialisable
+        raise InvalidItem(f"not serialisable: {exc}", image_id) from None
+    if len(raw) > MAX_ITEM_BYTES:
+        raise InvalidItem(f"object of {len(raw)} bytes is larger than {MAX_ITEM_BYTES}", image_id)
+    if b"\\u0000" in raw:
+        raise InvalidItem("contains a NUL character, which PostgreSQL cannot store", image_id)
+
+    system = item.get("systemDisk")
+    data = item.get("dataDisks")
+    if data is not None and not isinstance(data, list):
+        raise InvalidItem("dataDisks should be a list", image_id)
+    disks: list[DiskRow] = []
+    if system is not None:
+        disks.append(_disk(system, 0, image_id))
+    for position, attachment in enumerate(data or (), start=1):
+        disks.append(_disk(attachment, position, image_id))
+
+    digest = hashlib.blake2b(raw, digest_size=16)
+    digest.update(image_source.encode())
+    return ImageRow(
+        region_id=region_id,
+        image_id=image_id,
+        image_source=image_source,
+        name=_text(item, "name", image_id),
+        platform=_text(item, "platform", image_id),
+        os_version=_text(item, "osVersion", image_id),
+        architecture=_text(item, "architecture", image_id),
+        os_type=_text(item, "osType", image_id),
+        status=_text(item, "status", image_id),
+        description=_text(item, "desc", image_id),
+        owner_pin=_text(item, "ownerPin", image_id),
+        launch_permission=_text(item, "launchPermission", image_id),
+        root_device_type=_text(item, "rootDeviceType", image_id),
+        snapshot_id=_text(item, "snapshotId", image_id),
+        boot_mode=_boot_mode(item, image_id),
+        system_disk_size_gb=_int(item, "systemDiskSizeGB", image_id),
+        size_mb=_int(item, "sizeMB", image_id),
+        progress=_int(item, "progress", image_id),
+        created_at=parse_create_time(_text(item, "createTime", image_id), image_id),
+        offline=_bool(item, "offline", image_id),
+        raw_json=raw.decode(),
+        content_hash=digest.digest(),
+        disks=tuple(disks),
+    )
+
+
+def image_record(row: ImageRow) -> tuple[Any, ...]:
+    """The row as a tuple in :data:`IMAGE_COLUMNS` order plus ``raw`` (for COPY)."""
+    return (
+        row.region_id, row.image_id, row.image_source, row.name, row.platform,
+        row.os_version, row.architecture, row.os_type, row.status, row.description,
+        row.owner_pin, row.launch_permission, row.root_device_type, row.snapshot_id,
+        row.boot_mode, row.system_disk_size_gb, row.size_mb, row.progress, row.created_at,
+        row.offline, row.content_hash, row.raw_json,
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Everything that talks SQL: tables, the database handle, partition apply, run records."""

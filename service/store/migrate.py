@@ -1,0 +1,78 @@
+"""Schema migrations through Alembic, on a connection of the service's own engine.
+
+``image-sync migrate`` and the tests call these; ``alembic upgrade head`` from a shell
+does the same through ``migrations/env.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import migrations
+from service.errors import SchemaNotCurrent
+from service.store.tables import SCHEMA
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
+
+
+async def _run(engine: AsyncEngine, fn: str, *args: str) -> None:
+    def run(connection: Connection) -> None:
+        getattr(command, fn)(alembic_config(connection), *args)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(run)
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the schema (idempotent)."""
+    await _run(engine, "upgrade", revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
+    await _run(engine, "downgrade", revision)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    def read(connection: Connection) -> str | None:
+        context = MigrationContext.configure(connection, opts={"version_table_schema": SCHEMA})
+        return context.get_current_revision()
+
+    async with engine.connect() as conn:
+        has_schema = await conn.scalar(
+            sa.text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"), {"s": SCHEMA}
+        )
+        if not has_schema:
+            return None
+        return await conn.run_sync(read)
+
+
+async def ensure_current(engine: AsyncEngine) -> None:
+    """Raise :class:`SchemaNotCurrent` when migrations are pending."""
+    current, head = await current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaNotCurrent(
+            f"the database schema is at {current or 'nothing'}, this release needs {head}: "
+            "run `image-sync migrate` (or start with --migrate)"
+        )

@@ -1,0 +1,316 @@
+"""The ``inventory`` schema as SQLAlchemy Core tables: one MetaData for code and Alembic.
+
+Every table and column carries a comment; Alembic copies them into PostgreSQL as
+``COMMENT ON``, and ``docs/schema.md`` is generated from the live database.
+Views, functions and roles live in migrations (``migrations/versions``) as SQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+SCHEMA = "inventory"
+
+metadata = MetaData(
+    schema=SCHEMA,
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    },
+)
+
+EVENT_TYPES = ("created", "updated", "went_offline", "came_online", "removed", "reappeared")
+RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
+PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
+
+
+def _tz(name: str, comment: str, *, nullable: bool = True) -> Column[object]:
+    return Column(name, DateTime(timezone=True), nullable=nullable, comment=comment)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+images = Table(
+    "images",
+    metadata,
+    Column("region_id", Text, nullable=False, comment="JD Cloud region, e.g. cn-north-1."),
+    Column("image_id", Text, nullable=False, comment="API imageId, e.g. img-m5s0abcd29."),
+    Column(
+        "image_source",
+        Text,
+        nullable=False,
+        comment="Listing the image was found in: public, thirdparty, private, shared, community.",
+    ),
+    Column("name", Text, comment="API name."),
+    Column("platform", Text, comment="API platform: Ubuntu, CentOS, Windows Server, ..."),
+    Column("os_version", Text, comment="API osVersion, e.g. 8.2."),
+    Column("architecture", Text, comment="API architecture: x86_64 or i386."),
+    Column("os_type", Text, comment="API osType: linux or windows."),
+    Column("status", Text, comment="API status, e.g. ready, creating, error."),
+    Column("description", Text, comment="API desc."),
+    Column("owner_pin", Text, comment="API ownerPin: the owner's user PIN."),
+    Column(
+        "launch_permission", Text, comment="API launchPermission: all, specifiedUsers, ownerOnly."
+    ),
+    Column("root_device_type", Text, comment="API rootDeviceType: cloudDisk or localDisk."),
+    Column(
+        "snapshot_id", Text, comment="API snapshotId of the cloud system disk (null for local)."
+    ),
+    Column(
+        "boot_mode",
+        Text,
+        comment="API bootMode when given; else 'uefi'/'bios' from uefiSupport; null if neither.",
+    ),
+    Column("system_disk_size_gb", Integer, comment="API systemDiskSizeGB, GiB."),
+    Column("size_mb", Integer, comment="API sizeMB: actual image file size, MB."),
+    Column("progress", Integer, comment="API progress, percent (the API sends a string)."),
+    _tz("created_at", "API createTime, read as Beijing time (UTC+8)."),
+    Column(
+        "offline",
+        Boolean,
+        comment="API offline: true when taken offline; null where the API gives none.",
+    ),
+    Column(
+        "raw", JSONB, nullable=False, comment="The API object as received, unknown fields kept."
+    ),
+    Column(
+        "content_hash",
+        LargeBinary,
+        nullable=False,
+        comment="BLAKE2b-128 of the API object and its source; equal hash = unchanged image.",
+    ),
+    _tz("first_seen_at", "When this service first listed the image.", nullable=False),
+    _tz("last_changed_at", "When the row last changed (a new API content hash).", nullable=False),
+    _tz("removed_at", "When a complete listing last missed the image; null while listed."),
+    PrimaryKeyConstraint("region_id", "image_id"),
+    Index(None, "region_id", "image_source"),
+    comment="Every image ever listed, one row per (region_id, image_id); "
+    "removed_at is set while it is gone.",
+)
+
+image_disks = Table(
+    "image_disks",
+    metadata,
+    Column("region_id", Text, nullable=False, comment="Region of the image."),
+    Column("image_id", Text, nullable=False, comment="The image the disk belongs to."),
+    Column(
+        "position",
+        SmallInteger,
+        nullable=False,
+        comment="0 = system disk; 1..n = data disks in API order.",
+    ),
+    Column("role", Text, nullable=False, comment="system or data."),
+    Column("device_name", Text, comment="API deviceName, e.g. vda, vdb."),
+    Column("disk_category", Text, comment="API diskCategory: local or cloud."),
+    Column("auto_delete", Boolean, comment="API autoDelete: deleted with the instance."),
+    Column("cloud_disk_type", Text, comment="cloudDisk.diskType: ssd.gp1, ssd.io1, hdd.std1."),
+    Column("cloud_disk_size_gb", Integer, comment="cloudDisk.diskSizeGB, GiB."),
+    Column("cloud_iops", Integer, comment="cloudDisk.iops."),
+    Column("cloud_snapshot_id", Text, comment="cloudDisk.snapshotId."),
+    Column("cloud_encrypted", Boolean, comment="cloudDisk.encrypted."),
+    Column("local_disk_type", Text, comment="localDisk.diskType."),
+    Column("local_disk_size_gb", Integer, comment="localDisk.diskSizeGB, GiB."),
+    PrimaryKeyConstraint("region_id", "image_id", "position"),
+    ForeignKeyConstraint(
+        ["region_id", "image_id"],
+        ["inventory.images.region_id", "inventory.images.image_id"],
+        ondelete="CASCADE",
+    ),
+    CheckConstraint(_in("role", ("system", "data")), name="role"),
+    comment="System and data disks of each image as the API last described them.",
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("run_id", BigInteger, Identity(), nullable=False, comment="Run identifier."),
+    _tz("started_at", "When the run started.", nullable=False),
+    _tz("finished_at", "When the run ended; null while running."),
+    Column(
+        "status",
+        Text,
+        nullable=False,
+        comment="running, succeeded, partial (some partitions failed), failed, "
+        "abandoned (its process died).",
+    ),
+    Column("trigger", Text, nullable=False, comment="What started it: cli, schedule, demo, bench."),
+    Column("host", Text, nullable=False, comment="Host name of the process."),
+    Column("pid", Integer, nullable=False, comment="Process id on that host."),
+    Column("partitions", Integer, nullable=False, server_default="0", comment="Partitions tried."),
+    Column(
+        "partitions_failed",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Partitions failed or incomplete.",
+    ),
+    Column(
+        "api_requests",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="describeImages requests sent.",
+    ),
+    Column("retries", Integer, nullable=False, server_default="0", comment="Requests retried."),
+    Column(
+        "images_seen",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Distinct images listed.",
+    ),
+    Column("created", Integer, nullable=False, server_default="0", comment="created events."),
+    Column("updated", Integer, nullable=False, server_default="0", comment="updated events."),
+    Column(
+        "went_offline", Integer, nullable=False, server_default="0", comment="went_offline events."
+    ),
+    Column(
+        "came_online", Integer, nullable=False, server_default="0", comment="came_online events."
+    ),
+    Column("removed", Integer, nullable=False, server_default="0", comment="removed events."),
+    Column("reappeared", Integer, nullable=False, server_default="0", comment="reappeared events."),
+    Column("error_message", Text, comment="Why the run failed, when it did."),
+    PrimaryKeyConstraint("run_id"),
+    CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+    Index(None, "started_at"),
+    comment="One row per sync run (a CLI sync or a scheduler tick).",
+)
+
+sync_partitions = Table(
+    "sync_partitions",
+    metadata,
+    Column("run_id", BigInteger, nullable=False, comment="The run this outcome belongs to."),
+    Column("region_id", Text, nullable=False, comment="Partition region."),
+    Column("image_source", Text, nullable=False, comment="Partition image source."),
+    Column(
+        "status",
+        Text,
+        nullable=False,
+        comment="succeeded, incomplete (listing never settled), failed, "
+        "skipped_locked (another process held it).",
+    ),
+    _tz("started_at", "When the partition started.", nullable=False),
+    _tz("finished_at", "When the partition ended.", nullable=False),
+    Column("pages", Integer, nullable=False, server_default="0", comment="Pages read."),
+    Column(
+        "api_requests",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Requests sent, retries included.",
+    ),
+    Column("retries", Integer, nullable=False, server_default="0", comment="Requests retried."),
+    Column("total_count", Integer, comment="Sum of the listings' totalCount."),
+    Column(
+        "images_seen",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Distinct images listed.",
+    ),
+    Column("created", Integer, nullable=False, server_default="0", comment="created events."),
+    Column("updated", Integer, nullable=False, server_default="0", comment="updated events."),
+    Column(
+        "unchanged",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Listed images with no change.",
+    ),
+    Column(
+        "went_offline", Integer, nullable=False, server_default="0", comment="went_offline events."
+    ),
+    Column(
+        "came_online", Integer, nullable=False, server_default="0", comment="came_online events."
+    ),
+    Column("removed", Integer, nullable=False, server_default="0", comment="removed events."),
+    Column("reappeared", Integer, nullable=False, server_default="0", comment="reappeared events."),
+    Column(
+        "invalid_items",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="API items rejected at validation (missing imageId, wrong types).",
+    ),
+    Column(
+        "error_status", Text, comment="API error.status (e.g. QUOTA_EXCEEDED) or an internal kind."
+    ),
+    Column("error_message", Text, comment="Why the partition failed or was incomplete."),
+    PrimaryKeyConstraint("run_id", "region_id", "image_source"),
+    ForeignKeyConstraint(["run_id"], ["inventory.sync_runs.run_id"], ondelete="CASCADE"),
+    CheckConstraint(_in("status", PARTITION_STATUSES), name="status"),
+    Index(None, "region_id", "image_source", "finished_at"),
+    comment="Outcome of each (region, source) partition in each run; freshness lives here.",
+)
+
+image_events = Table(
+    "image_events",
+    metadata,
+    Column(
+        "event_id",
+        BigInteger,
+        Identity(),
+        nullable=False,
+        comment="Increasing event number; orders events.",
+    ),
+    _tz("occurred_at", "When the sync recorded the change (its transaction time).", nullable=False),
+    Column("sync_run_id", BigInteger, nullable=False, comment="The run that recorded it."),
+    Column("region_id", Text, nullable=False, comment="Region of the image."),
+    Column("image_id", Text, nullable=False, comment="The image."),
+    Column("image_source", Text, nullable=False, comment="Source partition of the image."),
+    Column(
+        "event_type",
+        Text,
+        nullable=False,
+        comment="created, updated, went_offline, came_online, removed, reappeared.",
+    ),
+    Column(
+        "changed_fields",
+        ARRAY(Text),
+        nullable=False,
+        server_default=text("'{}'::text[]"),
+        comment="Fields that changed (updated, reappeared), or the fields of the transition.",
+    ),
+    Column(
+        "before",
+        JSONB,
+        comment="Values before: the changed fields (updated, transitions); "
+        "the whole image (removed).",
+    ),
+    Column(
+        "after",
+        JSONB,
+        comment="Values after: the changed fields (updated, transitions); "
+        "the whole image (created, reappeared).",
+    ),
+    PrimaryKeyConstraint("event_id"),
+    ForeignKeyConstraint(["sync_run_id"], ["inventory.sync_runs.run_id"]),
+    CheckConstraint(_in("event_type", EVENT_TYPES), name="event_type"),
+    Index(None, "region_id", "image_id", "event_id"),
+    Index(None, "occurred_at"),
+    Index(None, "sync_run_id"),
+    comment="Append-only history of every change to images, in event_id order.",
+)
