@@ -1,0 +1,559 @@
+"""The describeImages simulator as an aiohttp application, plus ways to run it.
+
+API: ``GET /v1/regions/{regionId}/images`` with the documented parameters
+(see ``describeImages.md``). Choices where the documentation is silent:
+
+- ``offline`` missing for public/thirdparty means ``offline=false``; it is ignored
+  for other sources and with ``ids``.
+- ``ids`` (``ids.1=..&ids.2=..``) looks images up in every source of the region;
+  the other filters are ignored, paging still applies.
+- Booleans are accepted as true/false in any case (the SDK sends ``True``).
+- An unknown ``imageSource``, region, or a non-integer/zero ``pageNumber`` is
+  400 ``INVALID_ARGUMENT``; a page past the end is an empty page with the total.
+- The signature (JDCLOUD3-HMAC-SHA256) is checked before anything else but the
+  latency; any failure is 401 ``UNAUTHENTICATED`` (the reason is in the message).
+
+Admin endpoints (JSON, unsigned, only here) live under ``/__simulator__/``:
+``GET|PUT faults``, ``POST catalogue/{op}`` (op: take_offline, bring_online,
+add, delete, modify), ``GET|DELETE requests`` (the bounded request log),
+``GET stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, verify_request
+from service.simulator.catalogue import SOURCES, Catalogue, CatalogueError, ListingQuery
+from service.simulator.faults import STATUS_CODES, Fault, FaultConfig, Faults
+
+__all__ = [
+    "ADMIN_PREFIX",
+    "Simulator",
+    "SimulatorState",
+    "build_app",
+    "running_simulator",
+    "simulator_in_thread",
+]
+
+ADMIN_PREFIX = "/__simulator__"
+DEFAULT_LOG_SIZE = 10_000
+_IDS_PARAM = re.compile(r"ids\.(\d+)")
+_MESSAGES = {
+    "RATE_LIMIT": "Requests too frequent, please retry later",
+    "QUOTA_EXCEEDED": "Quota exceeded",
+    "INTERNAL": "Internal server error",
+    "UNKNOWN": "Unknown server error",
+    "SOURCE_UNAVAILABLE": "Source unavailable",
+    "UNAVAILABLE": "Service unavailable, please retry later",
+    "HTTP_FORBIDDEN": "Forbidden",
+}
+_HTML_PAGE = (
+    b"<html><head><title>502 Bad Gateway</title></head><body>"
+    b"<center><h1>502 Bad Gateway</h1></center><hr><center>jdcloud-gateway</center>"
+    b"</body></html>"
+)
+
+
+class _ApiError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class SimulatorState:
+    """What one simulator application owns: catalogue, faults, credentials, request log."""
+
+    catalogue: Catalogue
+    faults: Faults
+    access_key: str
+    secret_key: str = field(repr=False)
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DEFAULT_LOG_SIZE))
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def secret_for(self, access_key: str) -> str | None:
+        return self.secret_key if access_key == self.access_key else None
+
+
+STATE: web.AppKey[SimulatorState] = web.AppKey("simulator_state", SimulatorState)
+
+
+def build_app(
+    catalogue: Catalogue,
+    *,
+    access_key: str = DEMO_ACCESS_KEY,
+    secret_key: str = DEMO_SECRET_KEY,
+    faults: Faults | FaultConfig | Mapping[str, Any] | None = None,
+    request_log_size: int = DEFAULT_LOG_SIZE,
+) -> web.Application:
+    """An aiohttp application serving ``catalogue`` as describeImages."""
+    if not isinstance(faults, Faults):
+        faults = Faults(faults)
+    app = web.Application()
+    app[STATE] = SimulatorState(
+        catalogue=catalogue,
+        faults=faults,
+        access_key=access_key,
+        secret_key=secret_key,
+        requests=deque(maxlen=request_log_size),
+    )
+    app.router.add_get("/v1/regions/{regionId}/images", describe_images)
+    app.router.add_get(f"{ADMIN_PREFIX}/faults", get_faults)
+    app.router.add_put(f"{ADMIN_PREFIX}/faults", put_faults)
+    app.router.add_post(f"{ADMIN_PREFIX}/catalogue/{{op}}", change_catalogue)
+    app.router.add_get(f"{ADMIN_PREFIX}/requests", get_requests)
+    app.router.add_delete(f"{ADMIN_PREFIX}/requests", clear_requests)
+    app.router.add_get(f"{ADMIN_PREFIX}/stats", get_stats)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+# --- describeImages ------------------------------------------------------------------------
+
+
+async def describe_images(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    region = request.match_info["regionId"]
+    request_id = os.urandom(16).hex()
+    entry: dict[str, Any] = {
+        "time": time.time(),
+        "region": region,
+        "query": request.rel_url.raw_query_string,
+        "status": None,
+        "fault": None,
+    }
+    state.requests.append(entry)
+    state.counters["requests"] += 1
+    latency = state.faults.latency_s()
+    if latency:
+        await asyncio.sleep(latency)
+
+    body = await request.read()
+    reason = verify_request(
+        method=request.method,
+        host=request.host,
+        path=request.rel_url.raw_path,
+        query=request.rel_url.raw_query_string,
+        headers=request.headers,
+        body=body,
+        secret_for=state.secret_for,
+    )
+    if reason is not None:
+        return _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
+
+    params = request.query
+    ids = _ids(params)
+    source = None if ids else params.get("imageSource")
+    fault = state.faults.decide(region, source)
+    if fault is not None:
+        entry["fault"] = fault.kind if fault.kind != "status" else fault.status
+        state.counters[f"fault:{entry['fault']}"] += 1
+        if fault.kind != "truncated":
+            return await _inject(request, entry, request_id, fault)
+
+    try:
+        page_number = _int_param(params, "pageNumber", 1)
+        page_size = _int_param(params, "pageSize", 20)
+        if page_number < 1:
+            raise _ApiError("INVALID_ARGUMENT", "Invalid parameter pageNumber")
+        if not 10 <= page_size <= 100:
+            raise _ApiError("OUT_OF_RANGE", "PageSize out of range")
+        if region not in state.catalogue.regions:
+            raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter regionId: {region}")
+        if ids:
+            images, total = state.catalogue.list_ids(
+                region, ids, page_number=page_number, page_size=page_size
+            )
+        else:
+            query = _listing_query(params)
+            if state.faults.should_drift():
+                _drift(state, region, query)
+            images, total = state.catalogue.list_page(
+                region, query, page_number=page_number, page_size=page_size
+            )
+    except _ApiError as error:
+        response = _error(entry, request_id, error.status, error.message)
+        if fault is None:
+            return response
+        assert isinstance(response.body, bytes)
+        return await _truncated(request, response.status, response.body, request_id)
+
+    entry["status"] = 200
+    payload = b"".join(
+        (
+            b'{"requestId":"',
+            request_id.encode(),
+            b'","result":{"images":',
+            images,
+            b',"totalCount":',
+            str(total).encode(),
+            b"}}",
+        )
+    )
+    if fault is not None:
+        return await _truncated(request, 200, payload, request_id)
+    return _json(payload, request_id)
+
+
+async def _truncated(
+    request: web.Request, status: int, payload: bytes, request_id: str
+) -> web.StreamResponse:
+    """The response announced with its full length, cut in the middle, connection dropped."""
+    response = web.StreamResponse(status=status, headers={"x-jdcloud-request-id": request_id})
+    response.content_type = "application/json"
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[: len(payload) // 2])
+    if request.transport is not None:
+        request.transport.abort()
+    return response
+
+
+def _ids(params: Mapping[str, str]) -> list[str]:
+    numbered = []
+    for name, value in params.items():
+        match = _IDS_PARAM.fullmatch(name)
+        if match:
+            numbered.append((int(match[1]), value))
+    return [value for _, value in sorted(numbered)]
+
+
+def _int_param(params: Mapping[str, str], name: str, default: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter {name}") from None
+
+
+def _bool_param(params: Mapping[str, str], name: str) -> bool | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    lowered = raw.lower()
+    if lowered not in ("true", "false"):
+        raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter {name}")
+    return lowered == "true"
+
+
+def _listing_query(params: Mapping[str, str]) -> ListingQuery:
+    source = params.get("imageSource")
+    if not source:
+        raise _ApiError("FAILED_PRECONDITION", "Parameter ImageSource missing")
+    if source not in SOURCES:
+        raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter imageSource: {source}")
+    return ListingQuery(
+        source=source,
+        offline=_bool_param(params, "offline"),
+        platform=params.get("platform") or None,
+        image_name=params.get("imageName") or None,
+        root_device_type=params.get("rootDeviceType") or None,
+        launch_permission=params.get("launchPermission") or None,
+        status=params.get("status") or None,
+        architecture=params.get("architecture") or None,
+        boot_mode=params.get("bootMode") or None,
+    )
+
+
+def _drift(state: SimulatorState, region: str, query: ListingQuery) -> None:
+    """Insert or delete one image in the partition being listed (as the listing sees it)."""
+    catalogue, rng = state.catalogue, state.faults.rng
+    if (region, query.source) not in catalogue.partitions():
+        return
+    offline = query.normalised().offline
+    if rng.random() < 0.5:
+        fields = {} if offline is None else {"offline": offline}
+        catalogue.add(region, query.source, **fields)
+        state.counters["drift:add"] += 1
+        return
+    image_id = catalogue.random_image_id(region, query.source, rng, offline=offline)
+    if image_id is not None:
+        catalogue.delete(region, image_id)
+        state.counters["drift:delete"] += 1
+
+
+async def _inject(
+    request: web.Request, entry: dict[str, Any], request_id: str, fault: Fault
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    if fault.status is not None:
+        response = _error(
+            entry, request_id, fault.status, _MESSAGES.get(fault.status, fault.status)
+        )
+        if fault.status == "RATE_LIMIT":
+            response.headers["Retry-After"] = str(state.faults.config.retry_after_s)
+        return response
+    if fault.kind == "reset":
+        entry["status"] = "reset"
+        if request.transport is not None:
+            request.transport.abort()
+        # Nothing reaches the client; this response is only for aiohttp's bookkeeping.
+        return web.Response(status=499)
+    entry["status"] = 200
+    if fault.kind == "malformed":
+        return web.Response(
+            body=b'{"requestId":"'
+            + request_id.encode()
+            + b'","result":{"images":[{"imageId":"img-',
+            content_type="application/json",
+            headers={"x-jdcloud-request-id": request_id},
+        )
+    if fault.kind == "html":
+        return web.Response(body=_HTML_PAGE, content_type="text/html")
+    if fault.kind == "error_200":
+        return _json(_error_body(request_id, "INTERNAL", _MESSAGES["INTERNAL"]), request_id)
+    raise AssertionError(f"unhandled fault {fault}")  # truncated is applied by the caller
+
+
+def _error_body(request_id: str, status: str, message: str) -> bytes:
+    return orjson.dumps(
+        {
+            "requestId": request_id,
+            "error": {"code": STATUS_CODES[status], "status": status, "message": message},
+        }
+    )
+
+
+def _error(entry: dict[str, Any], request_id: str, status: str, message: str) -> web.Response:
+    code = STATUS_CODES[status]
+    entry["status"] = code
+    return _json(_error_body(request_id, status, message), request_id, status=code)
+
+
+def _json(payload: bytes, request_id: str, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=payload,
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+        headers={"x-jdcloud-request-id": request_id},
+    )
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return _json(
+        _error_body(
+            os.urandom(16).hex(), "NOT_FOUND", f"No route for {request.method} {request.path}"
+        ),
+        "",
+        status=404,
+    )
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+def _admin_json(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        content_type="application/json",
+    )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return data
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return _admin_json(request.app[STATE].faults.to_dict())
+
+
+async def put_faults(request: web.Request) -> web.Response:
+    faults = request.app[STATE].faults
+    try:
+        faults.update(await _json_body(request))
+    except (TypeError, ValueError) as exc:
+        return _admin_json({"error": str(exc)}, status=400)
+    return _admin_json(faults.to_dict())
+
+
+_OPERATIONS = ("take_offline", "bring_online", "add", "delete", "modify")
+
+
+async def change_catalogue(request: web.Request) -> web.Response:
+    """POST /__simulator__/catalogue/{op} with {"region", "image_id" | "source", "fields"}."""
+    catalogue = request.app[STATE].catalogue
+    op = request.match_info["op"]
+    if op not in _OPERATIONS:
+        return _admin_json({"error": f"unknown operation {op!r}; one of {_OPERATIONS}"}, status=404)
+    body = await _json_body(request)
+    try:
+        region = body["region"]
+        fields = body.get("fields") or {}
+        if op == "add":
+            image = catalogue.add(region, body["source"], **fields)
+        elif op == "modify":
+            image = catalogue.modify(region, body["image_id"], **fields)
+        else:
+            image = getattr(catalogue, op)(region, body["image_id"])
+    except CatalogueError as exc:
+        return _admin_json({"error": str(exc)}, status=404)
+    except KeyError as exc:
+        return _admin_json({"error": f"missing {exc.args[0]!r}"}, status=400)
+    except (TypeError, ValueError) as exc:
+        return _admin_json({"error": str(exc)}, status=400)
+    return _admin_json({"image": image})
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    """The request log, oldest first; ``?limit=N`` keeps the last N."""
+    log = list(request.app[STATE].requests)
+    limit = request.query.get("limit")
+    if limit is not None and limit.isdigit():
+        log = log[-int(limit) :] if int(limit) else []
+    return _admin_json({"requests": log})
+
+
+async def clear_requests(request: web.Request) -> web.Response:
+    request.app[STATE].requests.clear()
+    return _admin_json({"requests": []})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    by_status = Counter(str(entry["status"]) for entry in state.requests)
+    return _admin_json(
+        {
+            "counters": dict(state.counters),
+            "logged_by_status": dict(by_status),
+            "images": len(state.catalogue),
+            "partitions": {
+                f"{region}/{source}": state.catalogue.count(region, source)
+                for region, source in state.catalogue.partitions()
+            },
+        }
+    )
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Simulator:
+    """A running simulator: where it listens and what it serves."""
+
+    url: str
+    host: str
+    port: int
+    app: web.Application
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port``, as the SDK's ``Config(endpoint, scheme="http")`` wants it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def state(self) -> SimulatorState:
+        return self.app[STATE]
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.state.catalogue
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    @property
+    def requests(self) -> deque[dict[str, Any]]:
+        """The request log (bounded; newest last): time, region, query, status, fault."""
+        return self.state.requests
+
+
+@contextlib.asynccontextmanager
+async def running_simulator(
+    catalogue: Catalogue | None = None,
+    *,
+    seed: int = 0,
+    images: int = 2000,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    faults: Faults | FaultConfig | Mapping[str, Any] | None = None,
+    access_key: str = DEMO_ACCESS_KEY,
+    secret_key: str = DEMO_SECRET_KEY,
+    **catalogue_options: Any,
+) -> AsyncIterator[Simulator]:
+    """Serve a simulator in the current event loop for the duration of the block.
+
+    Without ``catalogue`` one is generated from ``seed``, ``images`` and
+    ``catalogue_options`` (regions, sources, skew). ``port=0`` picks a free port.
+    """
+    if catalogue is None:
+        catalogue = Catalogue(seed=seed, images=images, **catalogue_options)
+    elif catalogue_options:
+        raise TypeError("catalogue options given together with a catalogue")
+    app = build_app(catalogue, access_key=access_key, secret_key=secret_key, faults=faults)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield Simulator(
+            url=f"http://{url_host}:{bound_port}", host=url_host, port=bound_port, app=app
+        )
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.contextmanager
+def simulator_in_thread(**options: Any) -> Iterator[Simulator]:
+    """Serve a simulator from a background thread with its own loop (for blocking clients).
+
+    Takes the options of :func:`running_simulator`. Change the catalogue or faults of
+    the running simulator through the admin endpoints, not the objects: they belong
+    to the simulator's thread.
+    """
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        try:
+            async with running_simulator(**options) as simulator:
+                holder["simulator"] = simulator
+                holder["loop"] = asyncio.get_running_loop()
+                holder["stop"] = stop = asyncio.Event()
+                started.set()
+                await stop.wait()
+        except BaseException as exc:  # reported to the caller's thread below
+            holder["error"] = exc
+            started.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="simulator", daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in holder:
+        thread.join()
+        raise RuntimeError("the simulator did not start") from holder["error"]
+    try:
+        yield holder["simulator"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(timeout=10)
