@@ -184,7 +184,7 @@ class Settings(BaseModel):
     def _http(cls, value: str) -> str:
         if value.lower() == "off":
             return "off"
-        host, sep, port = value.rpartition(":")
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080) or 'off'")
         return value

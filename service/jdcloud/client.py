@@ -1,0 +1,436 @@
+"""The describeImages client: signing, limits, retries, typed errors. One per process.
+
+It owns no session: the caller builds one :class:`aiohttp.ClientSession` at start-up
+(see :func:`open_session`) and hands it over. Two limits hold every request:
+
+* a global semaphore: at most ``concurrency`` requests in flight, all regions together;
+* a per-region sliding window: at most ``rate_limit`` requests started in any one
+  second (a strict window, not a leaky bucket: the API throttles per second).
+
+Transient failures (429 ``RATE_LIMIT``, 500/502/503/504, timeouts, broken connections,
+unreadable bodies) are retried with exponential backoff and full jitter, honouring
+``Retry-After``; everything else raises at once. Every attempt is counted in the
+caller's :class:`RequestStats` and in the Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from service import __version__
+from service.config import Credentials
+from service.errors import (
+    ApiError,
+    AuthError,
+    MalformedResponse,
+    PermanentApiError,
+    TransientApiError,
+)
+from service.jdcloud.signer import encode_query, sign_headers
+from service.metrics import Metrics
+
+USER_AGENT = f"jdcloud-image-sync/{__version__}"
+BACKOFF_BASE = 0.25
+"""Seconds: the first retry waits up to this long (full jitter), doubling each attempt."""
+BACKOFF_CAP = 20.0
+"""Seconds: no single backoff waits longer (except a longer ``Retry-After``)."""
+RETRY_AFTER_CAP = 120.0
+"""Seconds: a ``Retry-After`` longer than this is capped."""
+TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """Counters of one partition's requests (owned by the caller, updated here)."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    pages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One decoded describeImages page."""
+
+    images: list[Any]
+    total_count: int
+    request_id: str | None
+
+
+@dataclass(slots=True)
+class _SlidingWindow:
+    """At most ``limit`` acquisitions in any ``period`` seconds."""
+
+    limit: int
+    period: float = 1.0
+    _starts: deque[float] = field(default_factory=deque)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._starts and now - self._starts[0] >= self.period:
+                    self._starts.popleft()
+                if len(self._starts) < self.limit:
+                    self._starts.append(now)
+                    return
+                await asyncio.sleep(self._starts[0] + self.period - now)
+
+
+def open_session(
+    *, connect_timeout: float, request_timeout: float, limit: int
+) -> aiohttp.ClientSession:
+    """The process's one HTTP session (TLS verification always on for https)."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=request_timeout, connect=connect_timeout, sock_read=request_timeout
+        ),
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300),
+        headers={"User-Agent": USER_AGENT},
+        json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        raise_for_status=False,
+    )
+
+
+class ImagesClient:
+    """describeImages over one shared session, within the global and per-region limits."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        endpoint: str,
+        credentials: Credentials,
+        concurrency: int = 16,
+        rate_limit: float = 10,
+        max_attempts: int = 6,
+        max_url_length: int = 4096,
+        metrics: Metrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"endpoint must be an http(s) URL, got {endpoint!r}")
+        self._session = session
+        self._base = endpoint.rstrip("/")
+        self._host = parts.netloc
+        self._path_prefix = parts.path.rstrip("/")
+        self._credentials = credentials
+        self._in_flight = asyncio.Semaphore(concurrency)
+        self._rate = rate_limit
+        self._windows: dict[str, _SlidingWindow] = {}
+        self._max_attempts = max_attempts
+        self._max_url_length = max_url_length
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+
+    # -- public API ------------------------------------------------------------------
+
+    async def describe_images(
+        self,
+        region: str,
+        *,
+        image_source: str | None = None,
+        offline: bool | None = None,
+        page_number: int = 1,
+        page_size: int = 100,
+        platform: str | None = None,
+        ids: Sequence[str] | None = None,
+        image_name: str | None = None,
+        root_device_type: str | None = None,
+        launch_permission: str | None = None,
+        status: str | None = None,
+        stats: RequestStats | None = None,
+    ) -> Page:
+        """One page of ``GET /v1/regions/{region}/images`` with the documented filters."""
+        params: list[tuple[str, str | int | bool | Sequence[str]]] = []
+        for name, value in (
+            ("imageSource", image_source),
+            ("offline", offline),
+            ("platform", platform),
+            ("imageName", image_name),
+            ("rootDeviceType", root_device_type),
+            ("launchPermission", launch_permission),
+            ("status", status),
+        ):
+            if value is not None:
+                params.append((name, value))
+        if ids:
+            params.append(("ids", list(ids)))
+        params.append(("pageNumber", page_number))
+        params.append(("pageSize", page_size))
+        body = await self._get(region, encode_query(params), stats or RequestStats())
+        return _parse_page(body, region)
+
+    async def lookup_ids(
+        self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
+    ) -> list[Any]:
+        """Images by id, split into requests whose URL stays under ``max_url_length``."""
+        found: list[Any] = []
+        for chunk in self._id_chunks(region, list(dict.fromkeys(ids))):
+            page_number = 1
+            while True:
+                page = await self.describe_images(
+                    region, ids=chunk, page_number=page_number, page_size=100, stats=stats
+                )
+                found.extend(page.images)
+                if page_number * 100 >= page.total_count or not page.images:
+                    break
+                page_number += 1
+        return found
+
+    # -- internals -------------------------------------------------------------------
+
+    def _id_chunks(self, region: str, ids: list[str]) -> list[list[str]]:
+        base = len(self._url(region, "pageNumber=1&pageSize=100&"))
+        chunks: list[list[str]] = []
+        current: list[str] = []
+        length = base
+        for image_id in ids:
+            piece = len(encode_query([("ids", [image_id])]).replace("ids.1=", "")) + len(
+                f"&ids.{len(current) + 1}="
+            )
+            if current and (length + piece > self._max_url_length or len(current) >= 100):
+                chunks.append(current)
+                current, length = [], base
+            current.append(image_id)
+            length += piece
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _path(self, region: str) -> str:
+        return f"{self._path_prefix}/v1/regions/{region}/images"
+
+    def _url(self, region: str, query: str) -> str:
+        return f"{self._base}/v1/regions/{region}/images?{query}"
+
+    def _window(self, region: str) -> _SlidingWindow | None:
+        if self._rate <= 0:
+            return None
+        window = self._windows.get(region)
+        if window is None:
+            window = self._windows[region] = _SlidingWindow(max(1, int(self._rate)))
+        return window
+
+    async def _get(self, region: str, query: str, stats: RequestStats) -> bytes:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(region, query, stats)
+            except TransientApiError as exc:
+                if attempt >= self._max_attempts:
+                    raise
+                stats.retries += 1
+                reason = exc.status or (
+                    "http_" + str(exc.http_status) if exc.http_status else "network"
+                )
+                if self._metrics:
+                    self._metrics.api_retries.labels(region, reason).inc()
+                delay = self._rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, region: str, query: str, stats: RequestStats) -> bytes:
+        window = self._window(region)
+        if window is not None:
+            await window.acquire()
+        path = self._path(region)
+        headers = {"Content-Type": "application/json"}
+        creds = self._credentials
+        headers.update(
+            sign_headers(
+                method="GET",
+                host=self._host,
+                path=path,
+                query=query,
+                headers=headers,
+                body="",
+                access_key=creds.access_key,
+                secret_key=creds.secret_key,
+                region=region,
+                security_token=creds.security_token,
+            )
+        )
+        url = URL(self._url(region, query), encoded=True)
+        stats.requests += 1
+        async with self._in_flight:
+            try:
+                async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    request_id = resp.headers.get("x-jdcloud-request-id")
+            except TimeoutError:
+                self._count(region, "error")
+                raise TransientApiError(
+                    "request timed out", status="TIMEOUT", region=region
+                ) from None
+            except aiohttp.ClientError as exc:
+                self._count(region, "error")
+                raise TransientApiError(
+                    f"connection failed: {type(exc).__name__}: {exc}",
+                    status="NETWORK",
+                    region=region,
+                ) from None
+        self._count(region, str(status))
+        if status == 200:
+            return body
+        raise self._error(status, body, region, retry_after, request_id, stats)
+
+    def _count(self, region: str, status: str) -> None:
+        if self._metrics:
+            self._metrics.api_requests.labels(region, status).inc()
+
+    def _error(
+        self,
+        http_status: int,
+        body: bytes,
+        region: str,
+        retry_after: float | None,
+        request_id: str | None,
+        stats: RequestStats,
+    ) -> ApiError:
+        api_status, message, body_request_id = _error_fields(body)
+        kwargs: dict[str, Any] = {
+            "http_status": http_status,
+            "status": api_status,
+            "request_id": body_request_id or request_id,
+            "region": region,
+            "retry_after": retry_after,
+        }
+        message = message or f"HTTP {http_status}"
+        if http_status in (401, 403):
+            return AuthError(message, **kwargs)
+        if http_status == 429:
+            if api_status == "QUOTA_EXCEEDED":
+                return PermanentApiError(message, **kwargs)
+            stats.throttled += 1
+            if self._metrics:
+                self._metrics.api_throttled.labels(region).inc()
+            kwargs["status"] = api_status or "RATE_LIMIT"
+            return TransientApiError(message, **kwargs)
+        if http_status in TRANSIENT_HTTP:
+            return TransientApiError(message, **kwargs)
+        return PermanentApiError(message, **kwargs)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from this API; fall back to our backoff
+
+
+def _error_fields(body: bytes) -> tuple[str, str, str | None]:
+    """(error.status, error.message, requestId) from an error body, best effort."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "", "", None
+    if not isinstance(data, dict):
+        return "", "", None
+    error = data.get("error")
+    request_id = data.get("requestId")
+    if not isinstance(error, dict):
+        return "", "", request_id if isinstance(request_id, str) else None
+    return (
+        str(error.get("status") or ""),
+        str(error.get("message") or "")[:500],
+        request_id if isinstance(request_id, str) else None,
+    )
+
+
+def _parse_page(body: bytes, region: str) -> Page:
+    """Decode a 200 body; anything but the documented shape is :class:`MalformedResponse`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        snippet = body[:60].decode("utf-8", "replace")
+        raise MalformedResponse(
+            f"body is not JSON ({len(body)} bytes, starts {snippet!r})",
+            http_status=200,
+            status="MALFORMED",
+            region=region,
+        ) from None
+    if not isinstance(data, dict):
+        raise MalformedResponse(
+            "body is not a JSON object", http_status=200, status="MALFORMED", region=region
+        )
+    request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
+    error = data.get("error")
+    if isinstance(error, dict):
+        # A 200 carrying an error object: judge it by the error's own code.
+        code = error.get("code")
+        http_status = code if isinstance(code, int) else 500
+        status = str(error.get("status") or "")
+        message = str(error.get("message") or "error in a 200 response")[:500]
+        kwargs: dict[str, Any] = {
+            "http_status": http_status,
+            "status": status,
+            "request_id": request_id,
+            "region": region,
+        }
+        if http_status in (401, 403):
+            raise AuthError(message, **kwargs)
+        if http_status in TRANSIENT_HTTP or status in (
+            "RATE_LIMIT",
+            "INTERNAL",
+            "UNKNOWN",
+            "UNAVAILABLE",
+        ):
+            raise TransientApiError(message, **kwargs)
+        raise PermanentApiError(message, **kwargs)
+    result = data.get("result")
+    if not isinstance(result, dict):
+        raise MalformedResponse(
+            "no result object",
+            http_status=200,
+            status="MALFORMED",
+            request_id=request_id,
+            region=region,
+        )
+    images = result.get("images")
+    total = result.get("totalCount")
+    if images is None:
+        images = []
+    if not isinstance(images, list):
+        raise MalformedResponse(
+            "result.images is not a list",
+            http_status=200,
+            status="MALFORMED",
+            request_id=request_id,
+            region=region,
+        )
+    if isinstance(total, str) and total.isdigit():
+        total = int(total)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise MalformedResponse(
+            f"result.totalCount is not a count: {total!r:.40}",
+            http_status=200,
+            status="MALFORMED",
+            request_id=request_id,
+            region=region,
+        )
+    return Page(images, total, request_id)

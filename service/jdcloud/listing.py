@@ -1,0 +1,105 @@
+"""Listing a whole describeImages result set by page number, safely under drift.
+
+Page-number paging shifts when images are added or removed while it runs: an item
+can be skipped or seen twice. A listing therefore reads page 1 to learn
+``totalCount``, fetches the remaining pages concurrently, de-duplicates by
+``imageId``, and calls itself **complete** only when the de-duplicated count equals
+``totalCount`` and every page reported the same ``totalCount``. Otherwise the caller
+lists again (bounded); a listing that never settles is incomplete, and an incomplete
+partition never removes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.jdcloud.client import ImagesClient, Page, RequestStats
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One listing of a partition: a source, and ``offline`` for public/thirdparty."""
+
+    region: str
+    source: str
+    offline: bool | None
+    index: int
+
+    def __str__(self) -> str:
+        suffix = "" if self.offline is None else f" offline={str(self.offline).lower()}"
+        return f"{self.region}/{self.source}{suffix}"
+
+
+@dataclass(slots=True)
+class ListingOutcome:
+    """What one pass over a listing saw."""
+
+    total_count: int = 0
+    pages: int = 0
+    totals_seen: set[int] = field(default_factory=set)
+
+    def settled(self, unique: int) -> bool:
+        return self.totals_seen == {self.total_count} and unique == self.total_count
+
+
+PageSink = Callable[[list[Any]], Awaitable[None]]
+"""Receives each page's items, one call at a time, in completion order."""
+
+
+async def list_pages(
+    client: ImagesClient,
+    listing: Listing,
+    *,
+    page_size: int,
+    stats: RequestStats,
+    on_page: PageSink,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ListingOutcome:
+    """Fetch every page of ``listing`` once and hand each page to ``on_page``.
+
+    API errors propagate (after the client's retries); pages still in flight are
+    cancelled.
+    """
+
+    async def fetch(number: int) -> Page:
+        return await client.describe_images(
+            listing.region,
+            image_source=listing.source,
+            offline=listing.offline,
+            page_number=number,
+            page_size=page_size,
+            stats=stats,
+        )
+
+    outcome = ListingOutcome()
+    first = await fetch(1)
+    outcome.total_count = first.total_count
+    outcome.totals_seen.add(first.total_count)
+    pages = max(1, math.ceil(first.total_count / page_size))
+    outcome.pages = 1
+    stats.pages += 1
+    await on_page(first.images)
+    if on_progress:
+        on_progress(1, pages)
+    if pages == 1:
+        return outcome
+
+    tasks = [asyncio.ensure_future(fetch(n)) for n in range(2, pages + 1)]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            page = await next_done
+            outcome.pages += 1
+            stats.pages += 1
+            outcome.totals_seen.add(page.total_count)
+            await on_page(page.images)
+            if on_progress:
+                on_progress(outcome.pages, pages)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return outcome

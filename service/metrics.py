@@ -1,0 +1,77 @@
+"""Prometheus metrics, on a registry owned by one :class:`Metrics` object (no globals).
+
+The names are a contract with ``deploy/grafana`` and ``deploy/prometheus/alerts.yaml``.
+Counters are incremented where things happen (API client, sync); gauges that describe
+the database (images by region/source/offline, last success per partition) are
+refreshed from PostgreSQL when the status server is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    """Every metric the service exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.api_requests = Counter(
+            "image_sync_api_requests",
+            "describeImages requests by region and HTTP status ('error' for network failures).",
+            ["region", "status"],
+            registry=r,
+        )
+        self.api_retries = Counter(
+            "image_sync_api_retries",
+            "describeImages requests retried, by region and reason.",
+            ["region", "reason"],
+            registry=r,
+        )
+        self.api_throttled = Counter(
+            "image_sync_api_throttled",
+            "429 RATE_LIMIT answers by region.",
+            ["region"],
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            "image_sync_run_duration_seconds",
+            "Wall time of a whole sync run.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.partition_duration = Histogram(
+            "image_sync_partition_duration_seconds",
+            "Wall time of one (region, source) partition.",
+            ["region", "source"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.partitions = Counter(
+            "image_sync_partitions",
+            "Partition outcomes by region, source and status.",
+            ["region", "source", "status"],
+            registry=r,
+        )
+        self.events = Counter(
+            "image_sync_events",
+            "Image events recorded by this process, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.images = Gauge(
+            "image_sync_images",
+            "Listed images in the database by region, source and offline state.",
+            ["region", "source", "offline"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "image_sync_partition_last_success_timestamp_seconds",
+            "Unix time of the last successful sync of each partition (from the database).",
+            ["region", "source"],
+            registry=r,
+        )
+        self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)

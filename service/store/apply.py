@@ -1,0 +1,316 @@
+"""Apply one partition: stream pages into staging, then one set-based merge.
+
+A :class:`PartitionWriter` lives inside the partition's single transaction:
+
+1. :meth:`PartitionWriter.open` takes the partition's advisory lock (transaction
+   scoped: released on commit, rollback or a dead connection) and creates temporary
+   staging tables that vanish at commit;
+2. :meth:`PartitionWriter.stage` COPYs each page's rows into staging as it arrives,
+   so a 40,000-image partition is never held in memory;
+3. :meth:`PartitionWriter.merge` compares staging with ``inventory.images`` by content
+   hash and, only for what changed, writes images, disks and events in a handful of
+   statements. Unchanged images are not touched: a sync with no upstream change writes
+   no image, disk or event row.
+
+The event documents (``after``/``before``) use the fields of
+:data:`service.normalize.TRACKED_FIELDS`; ``images_as_of()`` folds them back.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.normalize import DISK_COLUMNS, IMAGE_COLUMNS, KNOWN_FIELDS, ImageRow, image_record
+
+PARTITION_LOCK_SPACE = 0x1D5C
+"""First key of the two-key advisory locks taken on partitions."""
+
+_STAGE_IMAGE_COLUMNS = (*IMAGE_COLUMNS, "raw", "listing")
+_STAGE_DISK_COLUMNS = ("image_id", *DISK_COLUMNS, "listing")
+_EXTRA_KEYS = "ARRAY[" + ", ".join(f"'{k}'" for k in sorted(KNOWN_FIELDS)) + "]::text[]"
+_DOC_FIELDS = tuple(c for c in IMAGE_COLUMNS if c not in ("region_id", "image_id", "content_hash"))
+
+
+def partition_lock_key(region: str, source: str) -> int:
+    """Second advisory-lock key of a partition: a stable signed 32-bit hash."""
+    value = zlib.crc32(f"{region}/{source}".encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _doc(alias: str, disks: str) -> str:
+    """SQL for an image's history document from a row alias and a disks jsonb expression."""
+    pairs = [f"'{name}', {alias}.{name}" for name in _DOC_FIELDS]
+    pairs.append(f"'disks', coalesce({disks}, '[]'::jsonb)")
+    pairs.append(f"'extra', {alias}.raw - {_EXTRA_KEYS}")
+    return "jsonb_build_object(" + ", ".join(pairs) + ")"
+
+
+_DISK_DOC = (
+    "jsonb_agg(jsonb_build_object("
+    + ", ".join(f"'{c}', d.{c}" for c in DISK_COLUMNS)
+    + ") ORDER BY d.position)"
+)
+
+_CREATE_STAGING = [
+    """CREATE TEMP TABLE stage_images (
+        region_id text, image_id text, image_source text, name text, platform text,
+        os_version text, architecture text, os_type text, status text, description text,
+        owner_pin text, launch_permission text, root_device_type text, snapshot_id text,
+        boot_mode text, system_disk_size_gb integer, size_mb integer, progress integer,
+        created_at timestamptz, "offline" boolean, content_hash bytea, raw jsonb,
+        listing smallint
+    ) ON COMMIT DROP""",
+    """CREATE TEMP TABLE stage_disks (
+        image_id text, position smallint, role text, device_name text, disk_category text,
+        auto_delete boolean, cloud_disk_type text, cloud_disk_size_gb integer,
+        cloud_iops integer, cloud_snapshot_id text, cloud_encrypted boolean,
+        local_disk_type text, local_disk_size_gb integer, listing smallint
+    ) ON COMMIT DROP""",
+]
+
+_COLS = ", ".join(IMAGE_COLUMNS)
+_SET_COLS = ", ".join(
+    f"{c} = EXCLUDED.{c}" for c in (*IMAGE_COLUMNS, "raw") if c not in ("region_id", "image_id")
+)
+_DISK_COLS = ", ".join(DISK_COLUMNS)
+
+# Classify staged images against the table. Unchanged ones (same hash, still listed)
+# are not selected at all, so nothing below touches them.
+_CLASSIFY = f"""
+CREATE TEMP TABLE stage_changes ON COMMIT DROP AS
+SELECT s.image_id,
+       CASE WHEN i.image_id IS NULL THEN 'new'
+            WHEN i.removed_at IS NOT NULL THEN 'back'
+            ELSE 'changed' END AS kind,
+       CASE WHEN i.image_id IS NOT NULL THEN {_doc("i", "od.disks")} END AS old_doc,
+       {_doc("s", "nd.disks")} AS new_doc
+  FROM stage_images s
+  LEFT JOIN inventory.images i ON i.region_id = :region AND i.image_id = s.image_id
+  LEFT JOIN LATERAL (
+        SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
+  ) nd ON true
+  LEFT JOIN LATERAL (
+        SELECT {_DISK_DOC} AS disks FROM inventory.image_disks d
+         WHERE i.image_id IS NOT NULL AND d.region_id = :region AND d.image_id = s.image_id
+  ) od ON true
+ WHERE i.image_id IS NULL OR i.removed_at IS NOT NULL OR i.content_hash <> s.content_hash
+"""
+
+_DIFF = """
+CREATE TEMP TABLE stage_diff ON COMMIT DROP AS
+SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
+       coalesce((c.old_doc -> 'offline') = 'true'::jsonb, false) AS was_offline,
+       coalesce((c.new_doc -> 'offline') = 'true'::jsonb, false) AS is_offline,
+       ARRAY(SELECT k FROM jsonb_object_keys(c.new_doc) k
+              WHERE c.old_doc -> k IS DISTINCT FROM c.new_doc -> k ORDER BY k) AS changed
+  FROM stage_changes c
+"""
+
+_EVENT_INSERT = """
+INSERT INTO inventory.image_events
+       (occurred_at, sync_run_id, region_id, image_id, image_source, event_type,
+        changed_fields, before, after)
+"""
+
+# One statement per event type, in the order they are recorded for one image.
+_EVENTS = {
+    "created": f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, d.image_id, :source, 'created', '{{}}', NULL, d.new_doc
+  FROM stage_diff d WHERE d.kind = 'new' ORDER BY d.image_id""",
+    "reappeared": f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
+       (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc
+  FROM stage_diff d WHERE d.kind = 'back' ORDER BY d.image_id""",
+    "went_offline": f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, d.image_id, :source, 'went_offline', '{{offline}}',
+       jsonb_build_object('offline', d.old_doc -> 'offline'),
+       jsonb_build_object('offline', d.new_doc -> 'offline')
+  FROM stage_diff d
+ WHERE d.kind = 'changed' AND d.is_offline AND NOT d.was_offline ORDER BY d.image_id""",
+    "came_online": f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, d.image_id, :source, 'came_online', '{{offline}}',
+       jsonb_build_object('offline', d.old_doc -> 'offline'),
+       jsonb_build_object('offline', d.new_doc -> 'offline')
+  FROM stage_diff d
+ WHERE d.kind = 'changed' AND d.was_offline AND NOT d.is_offline ORDER BY d.image_id""",
+    "updated": f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
+       (SELECT jsonb_object_agg(k, u.old_doc -> k) FROM unnest(u.fields) k),
+       (SELECT jsonb_object_agg(k, u.new_doc -> k) FROM unnest(u.fields) k)
+  FROM (SELECT d.*,
+               CASE WHEN d.was_offline <> d.is_offline
+                    THEN array_remove(d.changed, 'offline') ELSE d.changed END AS fields
+          FROM stage_diff d WHERE d.kind = 'changed') u
+ WHERE cardinality(u.fields) > 0 ORDER BY u.image_id""",
+}
+
+_UPSERT_IMAGES = f"""
+INSERT INTO inventory.images ({_COLS}, raw, first_seen_at, last_changed_at, removed_at)
+SELECT {", ".join("s." + c for c in IMAGE_COLUMNS)}, s.raw, now(), now(), NULL
+  FROM stage_images s JOIN stage_diff d USING (image_id)
+ON CONFLICT (region_id, image_id) DO UPDATE
+   SET {_SET_COLS}, last_changed_at = now(), removed_at = NULL
+"""
+
+_DELETE_DISKS = """
+DELETE FROM inventory.image_disks x
+ USING stage_diff d
+ WHERE x.region_id = :region AND x.image_id = d.image_id AND d.kind <> 'new'
+"""
+
+_INSERT_DISKS = f"""
+INSERT INTO inventory.image_disks (region_id, image_id, {_DISK_COLS})
+SELECT :region, s.image_id, {", ".join("s." + c for c in DISK_COLUMNS)}
+  FROM stage_disks s JOIN stage_diff d USING (image_id)
+"""
+
+# Only after a complete partition: listed before, in neither listing now.
+_REMOVE = f"""
+WITH gone AS (
+    SELECT i.image_id, {_doc("i", "od.disks")} AS doc
+      FROM inventory.images i
+      LEFT JOIN LATERAL (
+            SELECT {_DISK_DOC} AS disks FROM inventory.image_disks d
+             WHERE d.region_id = i.region_id AND d.image_id = i.image_id
+      ) od ON true
+     WHERE i.region_id = :region AND i.image_source = :source AND i.removed_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM stage_images s WHERE s.image_id = i.image_id)
+       AND NOT i.image_id = ANY(CAST(:keep AS text[]))
+), marked AS (
+    UPDATE inventory.images i SET removed_at = now(), last_changed_at = now()
+      FROM gone g
+     WHERE i.region_id = :region AND i.image_id = g.image_id
+    RETURNING i.image_id
+)
+{_EVENT_INSERT}
+SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL
+  FROM gone g JOIN marked m USING (image_id) ORDER BY g.image_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MergeCounts:
+    """What one partition's merge wrote."""
+
+    images_seen: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    went_offline: int = 0
+    came_online: int = 0
+    removed: int = 0
+    reappeared: int = 0
+
+    def events(self) -> dict[str, int]:
+        return {
+            "created": self.created,
+            "updated": self.updated,
+            "went_offline": self.went_offline,
+            "came_online": self.came_online,
+            "removed": self.removed,
+            "reappeared": self.reappeared,
+        }
+
+
+class PartitionWriter:
+    """Staging and merge of one partition, inside its caller's open transaction."""
+
+    def __init__(self, conn: AsyncConnection, *, region: str, source: str) -> None:
+        self._conn = conn
+        self.region = region
+        self.source = source
+        self._driver: Any = None
+
+    async def try_lock(self) -> bool:
+        """Take the partition's transaction-scoped advisory lock; False if another holds it."""
+        locked = await self._conn.scalar(
+            sa.text("SELECT pg_try_advisory_xact_lock(:space, :key)"),
+            {"space": PARTITION_LOCK_SPACE, "key": partition_lock_key(self.region, self.source)},
+        )
+        return bool(locked)
+
+    async def open(self) -> None:
+        for statement in _CREATE_STAGING:
+            await self._conn.execute(sa.text(statement))
+        raw = await self._conn.get_raw_connection()
+        self._driver = raw.driver_connection
+
+    async def stage(self, rows: Sequence[ImageRow], listing: int) -> None:
+        """COPY one page's rows (already de-duplicated) into staging."""
+        if not rows:
+            return
+        await self._driver.copy_records_to_table(
+            "stage_images",
+            records=[(*image_record(r), listing) for r in rows],
+            columns=_STAGE_IMAGE_COLUMNS,
+        )
+        disks = [(r.image_id, *_disk_tuple(d), listing) for r in rows for d in r.disks]
+        if disks:
+            await self._driver.copy_records_to_table(
+                "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
+            )
+
+    async def discard_listing(self, listing: int) -> None:
+        """Forget what one listing staged (it is about to be listed again)."""
+        await self._conn.execute(
+            sa.text("DELETE FROM stage_images WHERE listing = :l"), {"l": listing}
+        )
+        await self._conn.execute(
+            sa.text("DELETE FROM stage_disks WHERE listing = :l"), {"l": listing}
+        )
+
+    async def merge(
+        self, *, run_id: int, remove_missing: bool, keep_ids: Sequence[str] = ()
+    ) -> MergeCounts:
+        """Write what changed; mark missing images removed when ``remove_missing``.
+
+        ``keep_ids`` are images the API listed but that failed validation: they are
+        neither updated nor removed.
+        """
+        params: dict[str, Any] = {"region": self.region, "source": self.source, "run_id": run_id}
+        conn = self._conn
+        await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
+        await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
+        await conn.execute(sa.text("ANALYZE stage_images"))
+        await conn.execute(sa.text("ANALYZE stage_disks"))
+        seen = await conn.scalar(sa.text("SELECT count(*) FROM stage_images")) or 0
+        await conn.execute(sa.text(_CLASSIFY), params)
+        await conn.execute(sa.text(_DIFF))
+        counts: dict[str, int] = {}
+        for event_type, statement in _EVENTS.items():
+            result = await conn.execute(sa.text(statement), params)
+            counts[event_type] = result.rowcount
+        changed = await conn.scalar(sa.text("SELECT count(*) FROM stage_diff")) or 0
+        if changed:
+            await conn.execute(sa.text(_UPSERT_IMAGES), params)
+            await conn.execute(sa.text(_DELETE_DISKS), params)
+            await conn.execute(sa.text(_INSERT_DISKS), params)
+        removed = 0
+        if remove_missing:
+            removed = (
+                await conn.execute(sa.text(_REMOVE), {**params, "keep": list(keep_ids)})
+            ).rowcount
+        return MergeCounts(
+            images_seen=seen,
+            created=counts["created"],
+            updated=counts["updated"],
+            unchanged=seen - changed,
+            went_offline=counts["went_offline"],
+            came_online=counts["came_online"],
+            removed=removed,
+            reappeared=counts["reappeared"],
+        )
+
+
+def _disk_tuple(d: Any) -> tuple[Any, ...]:
+    return (
+        d.position, d.role, d.device_name, d.disk_category, d.auto_delete, d.cloud_disk_type,
+        d.cloud_disk_size_gb, d.cloud_iops, d.cloud_snapshot_id, d.cloud_encrypted,
+        d.local_disk_type, d.local_disk_size_gb,
+    )  # fmt: skip

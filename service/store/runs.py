@@ -1,0 +1,111 @@
+"""Run records: ``sync_runs`` and ``sync_partitions``, and liveness of running runs.
+
+A process holds a session-level advisory lock ``(RUN_LOCK_SPACE, run_id)`` on a
+dedicated connection for as long as its run is ``running``. PostgreSQL releases it
+when the process or its connection dies, so :func:`mark_abandoned` can tell a run that
+is still in progress on another replica from one whose process crashed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.store.tables import sync_partitions, sync_runs
+
+RUN_LOCK_SPACE = 0x1D5D
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRecord:
+    """One row of ``sync_partitions``."""
+
+    run_id: int
+    region_id: str
+    image_source: str
+    status: str
+    started_at: datetime
+    finished_at: datetime
+    pages: int = 0
+    api_requests: int = 0
+    retries: int = 0
+    total_count: int | None = None
+    images_seen: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    went_offline: int = 0
+    came_online: int = 0
+    removed: int = 0
+    reappeared: int = 0
+    invalid_items: int = 0
+    error_status: str | None = None
+    error_message: str | None = None
+
+
+async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:
+    """Insert a ``running`` run and take its liveness lock on ``lock_conn`` (autocommit)."""
+    run_id: int = await lock_conn.scalar(
+        sa.insert(sync_runs)
+        .values(
+            started_at=sa.func.now(),
+            status="running",
+            trigger=trigger,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+        .returning(sync_runs.c.run_id)
+    )
+    await lock_conn.execute(
+        sa.text("SELECT pg_advisory_lock(:space, :key)"),
+        {"space": RUN_LOCK_SPACE, "key": run_id % (1 << 31)},
+    )
+    return run_id
+
+
+async def finish_run(
+    engine: AsyncEngine, run_id: int, *, status: str, totals: dict[str, int], error: str | None
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(sync_runs)
+            .where(sync_runs.c.run_id == run_id)
+            .values(finished_at=sa.func.now(), status=status, error_message=error, **totals)
+        )
+
+
+async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
+    """Insert one partition outcome (in the caller's transaction)."""
+    values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
+    await conn.execute(sa.insert(sync_partitions).values(**values))
+
+
+async def mark_abandoned(engine: AsyncEngine) -> int:
+    """Mark ``abandoned`` every ``running`` run whose process no longer holds its lock."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.text(
+                """
+                UPDATE inventory.sync_runs r
+                   SET status = 'abandoned', finished_at = now(),
+                       error_message = coalesce(error_message,
+                           'its process stopped before finishing the run')
+                 WHERE r.status = 'running'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM pg_locks l
+                        WHERE l.locktype = 'advisory' AND l.granted
+                          AND l.database = (SELECT oid FROM pg_database
+                                             WHERE datname = current_database())
+                          AND l.classid = :space AND l.objid = (r.run_id % 2147483648)
+                          AND l.objsubid = 2)
+                """
+            ),
+            {"space": RUN_LOCK_SPACE},
+        )
+        return result.rowcount

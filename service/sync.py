@@ -1,0 +1,500 @@
+"""One sync: every partition listed, staged and merged; the run recorded.
+
+:func:`sync_once` is the only function that syncs; the CLI, the scheduler, the demo
+and the benchmark call it. Partitions run concurrently (within a bound) and each is
+applied in its own transaction, so a failure rolls back only its partition. A failed
+or incomplete partition never removes anything. A 401/403 stops the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import OFFLINE_SOURCES
+from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
+from service.jdcloud.client import ImagesClient, RequestStats
+from service.jdcloud.listing import Listing, ListingOutcome, list_pages
+from service.metrics import Metrics
+from service.normalize import ImageRow, InvalidItem, normalize_image
+from service.store.apply import MergeCounts, PartitionWriter
+from service.store.engine import describe_error
+from service.store.runs import (
+    PartitionRecord,
+    finish_run,
+    mark_abandoned,
+    record_partition,
+    start_run,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LISTING_PASSES = 3
+"""How many times a drifting listing is read before the partition is incomplete."""
+MAX_REPORTED_INVALID = 20
+"""Invalid items logged per partition (all are counted)."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Partition:
+    """One (region, source) pair."""
+
+    region: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.region}/{self.source}"
+
+    def listings(self) -> tuple[Listing, ...]:
+        if self.source in OFFLINE_SOURCES:
+            return (
+                Listing(self.region, self.source, False, 0),
+                Listing(self.region, self.source, True, 1),
+            )
+        return (Listing(self.region, self.source, None, 0),)
+
+
+def partitions_of(regions: Sequence[str], sources: Sequence[str]) -> list[Partition]:
+    return [Partition(r, s) for r in regions for s in sources]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionReport:
+    """The outcome of one partition in one run."""
+
+    partition: Partition
+    status: str
+    counts: MergeCounts = field(default_factory=MergeCounts)
+    pages: int = 0
+    api_requests: int = 0
+    retries: int = 0
+    total_count: int | None = None
+    invalid_items: int = 0
+    error_status: str | None = None
+    error_message: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    """The outcome of one run."""
+
+    run_id: int
+    status: str
+    partitions: tuple[PartitionReport, ...]
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    def total(self, name: str) -> int:
+        return sum(getattr(p.counts, name) for p in self.partitions)
+
+
+class Progress:
+    """Receives progress callbacks; the CLI renders them, the daemon ignores them."""
+
+    def partition_started(self, partition: Partition) -> None: ...
+    def pages(self, partition: Partition, listing: Listing, done: int, total: int) -> None: ...
+    def partition_finished(self, report: PartitionReport) -> None: ...
+
+
+@dataclass
+class _Staged:
+    """Per-partition bookkeeping while pages stream into staging."""
+
+    ids_by_listing: dict[int, set[str]] = field(default_factory=dict)
+    staged: dict[str, int] = field(default_factory=dict)
+    invalid: int = 0
+    invalid_without_id: int = 0
+    keep_ids: set[str] = field(default_factory=set)
+
+
+async def sync_once(
+    engine: AsyncEngine,
+    client: ImagesClient,
+    partitions: Sequence[Partition],
+    *,
+    page_size: int = 100,
+    trigger: str = "cli",
+    metrics: Metrics | None = None,
+    progress: Progress | None = None,
+    partition_concurrency: int = 8,
+    skip_fresh: Callable[[Partition], bool] | None = None,
+) -> SyncReport:
+    """List and apply every partition once; record the run. Never raises for API errors
+    of one partition; raises :class:`AuthError` (after recording) when credentials fail
+    and :class:`DatabaseError` when the run cannot be recorded at all.
+    """
+    started = time.monotonic()
+    progress = progress or Progress()
+    try:
+        await mark_abandoned(engine)
+        lock_conn = await engine.connect()
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise DatabaseError(f"cannot start a run: {describe_error(exc, str(engine.url))}") from None
+    try:
+        await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
+        run_id = await start_run(lock_conn, trigger=trigger)
+        log.info("run %d started: %d partitions", run_id, len(partitions))
+        gate = asyncio.Semaphore(max(1, partition_concurrency))
+        auth_failure: list[AuthError] = []
+
+        async def one(partition: Partition) -> PartitionReport:
+            async with gate:
+                if auth_failure:
+                    return PartitionReport(
+                        partition,
+                        "failed",
+                        error_status="UNAUTHENTICATED",
+                        error_message="not tried: the credentials were refused",
+                    )
+                return await _sync_partition(engine, client, partition, run_id, page_size, progress)
+
+        tasks = [asyncio.ensure_future(one(p)) for p in partitions]
+        reports: list[PartitionReport] = []
+        error: str | None = None
+        try:
+            for done in asyncio.as_completed(tasks):
+                try:
+                    report = await done
+                except AuthError as exc:
+                    auth_failure.append(exc)
+                    error = f"the API refused the credentials: {exc}"
+                    for task in tasks:
+                        task.cancel()
+                    break
+                reports.append(report)
+                _observe(metrics, report)
+                progress.partition_finished(report)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        seconds = time.monotonic() - started
+        status = _run_status(reports, auth_failed=bool(auth_failure))
+        totals = _totals(reports)
+        await finish_run(engine, run_id, status=status, totals=totals, error=error)
+        if metrics:
+            metrics.run_duration.observe(seconds)
+        log.info(
+            "run %d %s in %.1fs: %s",
+            run_id,
+            status,
+            seconds,
+            ", ".join(f"{k}={v}" for k, v in totals.items() if k != "partitions"),
+        )
+        result = SyncReport(
+            run_id, status, tuple(sorted(reports, key=lambda r: r.partition)), seconds, error
+        )
+        if auth_failure:
+            raise AuthError(
+                auth_failure[0].message,
+                http_status=auth_failure[0].http_status,
+                status=auth_failure[0].status,
+                request_id=auth_failure[0].request_id,
+                region=auth_failure[0].region,
+            )
+        return result
+    finally:
+        await lock_conn.close()
+
+
+def _run_status(reports: Sequence[PartitionReport], *, auth_failed: bool) -> str:
+    if auth_failed:
+        return "failed"
+    tried = [r for r in reports if r.status != "skipped_locked"]
+    bad = [r for r in tried if r.status in ("failed", "incomplete")]
+    if not bad:
+        return "succeeded"
+    return "failed" if len(bad) == len(tried) else "partial"
+
+
+def _totals(reports: Sequence[PartitionReport]) -> dict[str, int]:
+    totals = {
+        "partitions": len(reports),
+        "partitions_failed": sum(r.status in ("failed", "incomplete") for r in reports),
+        "api_requests": sum(r.api_requests for r in reports),
+        "retries": sum(r.retries for r in reports),
+        "images_seen": sum(r.counts.images_seen for r in reports),
+    }
+    for name in ("created", "updated", "went_offline", "came_online", "removed", "reappeared"):
+        totals[name] = sum(getattr(r.counts, name) for r in reports)
+    return totals
+
+
+def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
+    p = report.partition
+    line = (
+        f"partition {p} {report.status} in {report.seconds:.2f}s: pages={report.pages} "
+        f"requests={report.api_requests} retries={report.retries} "
+        f"seen={report.counts.images_seen} created={report.counts.created} "
+        f"updated={report.counts.updated} unchanged={report.counts.unchanged} "
+        f"went_offline={report.counts.went_offline} came_online={report.counts.came_online} "
+        f"removed={report.counts.removed} reappeared={report.counts.reappeared} "
+        f"invalid={report.invalid_items}"
+    )
+    if report.error_message:
+        line += f" error={report.error_status}: {report.error_message}"
+    if report.status in ("succeeded", "skipped_locked"):
+        log.info(line)
+    else:
+        log.warning(line)
+    if metrics is None:
+        return
+    metrics.partitions.labels(p.region, p.source, report.status).inc()
+    if report.status != "skipped_locked":
+        metrics.partition_duration.labels(p.region, p.source).observe(report.seconds)
+    for event_type, count in report.counts.events().items():
+        if count:
+            metrics.events.labels(event_type).inc(count)
+
+
+async def _sync_partition(
+    engine: AsyncEngine,
+    client: ImagesClient,
+    partition: Partition,
+    run_id: int,
+    page_size: int,
+    progress: Progress,
+) -> PartitionReport:
+    started_at = datetime.now(UTC)
+    started = time.monotonic()
+    stats = RequestStats()
+    staged = _Staged()
+    outcomes: list[ListingOutcome] = []
+    status = "failed"
+    report: PartitionReport
+    progress.partition_started(partition)
+    try:
+        async with engine.connect() as conn, conn.begin():
+            writer = PartitionWriter(conn, region=partition.region, source=partition.source)
+            if not await writer.try_lock():
+                report = PartitionReport(partition, "skipped_locked")
+            else:
+                await writer.open()
+                stage_lock = asyncio.Lock()
+                settled = await asyncio.gather(
+                    *(
+                        _list_until_settled(
+                            client,
+                            writer,
+                            listing,
+                            staged,
+                            stats,
+                            outcomes,
+                            page_size,
+                            stage_lock,
+                            progress,
+                            partition,
+                        )
+                        for listing in partition.listings()
+                    )
+                )
+                complete = all(settled) and staged.invalid_without_id == 0
+                counts = await writer.merge(
+                    run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
+                )
+                status = "succeeded" if complete else "incomplete"
+                message = None
+                if not all(settled):
+                    message = (
+                        f"the listing kept changing while it was read ({MAX_LISTING_PASSES} passes): "
+                        "nothing was removed"
+                    )
+                elif staged.invalid_without_id:
+                    message = (
+                        f"{staged.invalid_without_id} items without a usable imageId: "
+                        "nothing was removed"
+                    )
+                report = PartitionReport(
+                    partition,
+                    status,
+                    counts,
+                    pages=stats.pages,
+                    api_requests=stats.requests,
+                    retries=stats.retries,
+                    total_count=sum(o.total_count for o in outcomes[-len(partition.listings()) :]),
+                    invalid_items=staged.invalid,
+                    error_status="DRIFT"
+                    if message and not all(settled)
+                    else ("INVALID_ITEMS" if message else None),
+                    error_message=message,
+                )
+                report = replace(report, seconds=time.monotonic() - started)
+                await record_partition(conn, _record(report, run_id, started_at))
+    except AuthError:
+        raise
+    except ApiError as exc:
+        report = PartitionReport(
+            partition,
+            "failed",
+            pages=stats.pages,
+            api_requests=stats.requests,
+            retries=stats.retries,
+            invalid_items=staged.invalid,
+            error_status=exc.status
+            or (f"HTTP_{exc.http_status}" if exc.http_status else "API_ERROR"),
+            error_message=exc.describe(),
+        )
+    except (OSError, sa.exc.SQLAlchemyError, ImageSyncError) as exc:
+        message = (
+            describe_error(exc, str(engine.url))
+            if isinstance(exc, sa.exc.SQLAlchemyError)
+            else str(exc)
+        )
+        report = PartitionReport(
+            partition,
+            "failed",
+            pages=stats.pages,
+            api_requests=stats.requests,
+            retries=stats.retries,
+            error_status="DATABASE",
+            error_message=message,
+        )
+    report = replace(report, seconds=time.monotonic() - started)
+    if report.status in ("failed", "skipped_locked"):
+        await _record_outside(engine, report, run_id, started_at)
+    return report
+
+
+async def _record_outside(
+    engine: AsyncEngine, report: PartitionReport, run_id: int, started_at: datetime
+) -> None:
+    """Record a failed or skipped partition in its own transaction (best effort)."""
+    try:
+        async with engine.begin() as conn:
+            await record_partition(conn, _record(report, run_id, started_at))
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        log.error(
+            "could not record partition %s: %s",
+            report.partition,
+            describe_error(exc, str(engine.url)),
+        )
+
+
+def _record(report: PartitionReport, run_id: int, started_at: datetime) -> PartitionRecord:
+    c = report.counts
+    return PartitionRecord(
+        run_id=run_id,
+        region_id=report.partition.region,
+        image_source=report.partition.source,
+        status=report.status,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        pages=report.pages,
+        api_requests=report.api_requests,
+        retries=report.retries,
+        total_count=report.total_count,
+        images_seen=c.images_seen,
+        created=c.created,
+        updated=c.updated,
+        unchanged=c.unchanged,
+        went_offline=c.went_offline,
+        came_online=c.came_online,
+        removed=c.removed,
+        reappeared=c.reappeared,
+        invalid_items=report.invalid_items,
+        error_status=report.error_status,
+        error_message=report.error_message,
+    )
+
+
+class _ListingPass:
+    """One pass over a listing: validates, de-duplicates and stages its pages."""
+
+    def __init__(
+        self, writer: PartitionWriter, listing: Listing, staged: _Staged, lock: asyncio.Lock
+    ) -> None:
+        self.writer = writer
+        self.listing = listing
+        self.staged = staged
+        self.lock = lock
+        self.ids: set[str] = set()
+        self.idless = 0
+        staged.ids_by_listing[listing.index] = self.ids
+
+    @property
+    def unique(self) -> int:
+        """Distinct items seen, invalid ones included (they count toward totalCount)."""
+        return len(self.ids) + self.idless
+
+    async def on_page(self, items: list[Any]) -> None:
+        staged, listing = self.staged, self.listing
+        rows: list[ImageRow] = []
+        for item in items:
+            try:
+                row = normalize_image(item, region_id=listing.region, image_source=listing.source)
+            except InvalidItem as exc:
+                staged.invalid += 1
+                if exc.image_id:
+                    staged.keep_ids.add(exc.image_id)
+                    self.ids.add(exc.image_id)
+                else:
+                    self.idless += 1
+                    staged.invalid_without_id += 1
+                if staged.invalid <= MAX_REPORTED_INVALID:
+                    log.warning("partition %s: invalid item skipped: %s", listing, exc)
+                continue
+            if row.image_id in self.ids:
+                continue
+            self.ids.add(row.image_id)
+            if row.image_id in staged.staged:
+                continue  # already staged from the other listing of this partition
+            staged.staged[row.image_id] = listing.index
+            rows.append(row)
+        async with self.lock:
+            await self.writer.stage(rows, listing.index)
+
+
+async def _list_until_settled(
+    client: ImagesClient,
+    writer: PartitionWriter,
+    listing: Listing,
+    staged: _Staged,
+    stats: RequestStats,
+    outcomes: list[ListingOutcome],
+    page_size: int,
+    stage_lock: asyncio.Lock,
+    progress: Progress,
+    partition: Partition,
+) -> bool:
+    """List (and stage) one listing until it settles or the passes run out."""
+    for attempt in range(1, MAX_LISTING_PASSES + 1):
+        if attempt > 1:
+            async with stage_lock:
+                await writer.discard_listing(listing.index)
+                for image_id in staged.ids_by_listing.get(listing.index, ()):
+                    if staged.staged.get(image_id) == listing.index:
+                        del staged.staged[image_id]
+        this_pass = _ListingPass(writer, listing, staged, stage_lock)
+        outcome = await list_pages(
+            client,
+            listing,
+            page_size=page_size,
+            stats=stats,
+            on_page=this_pass.on_page,
+            on_progress=lambda done, total: progress.pages(partition, listing, done, total),
+        )
+        outcomes.append(outcome)
+        if outcome.settled(this_pass.unique):
+            return True
+        log.info(
+            "listing %s drifted (pass %d: %d unique of totalCount %d, totals seen %s); "
+            "listing again",
+            listing,
+            attempt,
+            this_pass.unique,
+            outcome.total_count,
+            sorted(outcome.totals_seen),
+        )
+    return False
