@@ -657,8 +657,11 @@ def test_systemd_unit_exposure_is_low() -> None:
 # --------------------------------------------------------------- environment names
 
 
-def test_only_contract_variables_are_configured() -> None:
+def test_only_known_variables_are_configured() -> None:
     """A misspelt variable in a manifest would be silently ignored by the service."""
+    from service.config import VARIABLES
+
+    assert set(VARIABLES) >= CONTRACT_ENV, "service.config lost a contract variable"
     sources = [
         DEPLOY / "compose.yaml",
         DEPLOY / "env.example",
@@ -669,13 +672,12 @@ def test_only_contract_variables_are_configured() -> None:
         KUBERNETES / "base" / "secret.example.yaml",
         KUBERNETES / "overlays" / "example" / "secret.env.example",
     ]
+    pattern = re.compile(r"\b((?:IMAGE_SYNC|JDCLOUD)_[A-Z0-9_]+|DATABASE_URL)\b")
     seen = set()
     for path in sources:
-        names = set(
-            re.findall(r"\b((?:IMAGE_SYNC|JDCLOUD)_[A-Z0-9_]+|DATABASE_URL)\b", path.read_text())
-        )
+        names = set(pattern.findall(path.read_text()))
         seen |= names
-        unknown = names - CONTRACT_ENV - {"IMAGE_SYNC_IMAGE"}  # the compose image override
+        unknown = names - set(VARIABLES) - {"IMAGE_SYNC_IMAGE"}  # the compose image override
         assert not unknown, f"{rel(path)}: {sorted(unknown)} are not configuration variables"
     assert {"DATABASE_URL", "JDCLOUD_ACCESS_KEY", "IMAGE_SYNC_HTTP"} <= seen
 
@@ -948,3 +950,37 @@ def test_dashboard_and_alerts_use_only_contract_metrics() -> None:
         family = metric_family(name)
         if family != name:
             assert CONTRACT_METRICS[family] == "histogram", name
+
+
+def exported_series_names() -> dict[str, str]:
+    """Sample name -> family type of every metric service.metrics registers
+    (what /metrics can list: counters with _total, histograms with _bucket/_sum/_count)."""
+    from service.metrics import Metrics
+
+    names = {}
+    for family in Metrics().registry.collect():
+        if family.type == "counter":
+            names[family.name + "_total"] = "counter"
+        elif family.type == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                names[family.name + suffix] = "histogram"
+        else:
+            names[family.name] = family.type
+    return names
+
+
+def test_service_metrics_match_the_contract() -> None:
+    exported = exported_series_names()
+    for family, kind in CONTRACT_METRICS.items():
+        series = family if kind != "histogram" else family + "_bucket"
+        assert exported.get(series) == kind, f"service.metrics does not export {family} ({kind})"
+
+
+def test_every_used_metric_is_registered_by_the_service() -> None:
+    exported = exported_series_names()
+    missing = {
+        name: sorted(where)
+        for name, where in used_metric_names().items()
+        if name not in exported and name not in SCRAPE_SERIES
+    }
+    assert not missing, f"used by the dashboard or alerts but not registered: {missing}"
