@@ -18,6 +18,7 @@ The catalogue is not thread-safe: use it from the event loop that serves it.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import random
@@ -452,7 +453,8 @@ class Catalogue:
     def _new_id(self, prefix: str) -> str:
         rng = self._rng
         while True:
-            candidate = prefix + "".join(rng.choices(_ID_ALPHABET, k=10))
+            # base32 of 50 random bits: 10 chars of [a-z2-7], several times faster than choices().
+            candidate = prefix + base64.b32encode(rng.randbytes(7)).decode("ascii")[:10].lower()
             if candidate not in self._ids:
                 self._ids.add(candidate)
                 return candidate
