@@ -8,6 +8,10 @@ API: ``GET /v1/regions/{regionId}/images`` with the documented parameters
 - ``ids`` (``ids.1=..&ids.2=..``) looks images up in every source of the region;
   the other filters are ignored, paging still applies.
 - Booleans are accepted as true/false in any case (the SDK sends ``True``).
+- ``imageName`` matches as a case-insensitive substring; ``architecture`` and
+  ``bootMode`` (parameters of the SDK, not of the page) filter exactly.
+- With drift on, each listing request (any page) first inserts or deletes one
+  image of the listing being read, with the configured probability.
 - An unknown ``imageSource``, region, or a non-integer/zero ``pageNumber`` is
   400 ``INVALID_ARGUMENT``; a page past the end is an empty page with the total.
 - The signature (JDCLOUD3-HMAC-SHA256) is checked before anything else but the
