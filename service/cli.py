@@ -1,0 +1,272 @@
+"""``image-sync``: the command line. Parses, builds settings, calls one function, exits.
+
+Exit codes: 0 success; 1 a sync failed or was incomplete, or a runtime failure
+(database unreachable, credentials refused, invariants broken); 2 bad configuration
+or usage. Expected failures print one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from service import __version__
+from service.config import SOURCES, VARIABLES, Settings, load_settings, redact_url
+from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
+from service.logs import setup_logging
+
+log = logging.getLogger("service.cli")
+
+Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+_ENV_HELP = "environment variables (a --config TOML file may set the same keys):\n  " + "\n  ".join(
+    VARIABLES
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="image-sync",
+        description="Keep a PostgreSQL copy of JD Cloud's VM image catalogue (describeImages) "
+        "and a history of its changes.",
+        epilog=_ENV_HELP + "\n\nDocs: README.md, docs/operations.md, docs/schema.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"image-sync {__version__}")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file with settings (env wins)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("sync", help="run one sync (--once) and exit 0 (all good) or 1")
+    p.add_argument("--once", action="store_true", required=True, help="one run, then exit")
+    p.add_argument("--region", action="append", metavar="R", help="only this region (repeatable)")
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="S",
+        choices=SOURCES,
+        help="only this source (repeatable)",
+    )
+    p.add_argument("--migrate", action="store_true", help="apply pending migrations first")
+    p.set_defaults(handler=_sync)
+
+    p = sub.add_parser("run", help="the daemon: scheduled syncs and the status server")
+    p.add_argument("--migrate", action="store_true", help="apply pending migrations at start")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("migrate", help="upgrade the database schema to head")
+    p.set_defaults(handler=_migrate)
+
+    p = sub.add_parser("status", help="partition health and recent runs as a table")
+    p.add_argument("--runs", type=int, default=10, help="how many recent runs to show")
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("check", help="verify the database invariants; exit 1 on any failure")
+    p.set_defaults(handler=_check)
+
+    p = sub.add_parser("schema-doc", help="write docs/schema.md from the live database comments")
+    p.add_argument(
+        "--output", type=Path, default=Path("docs/schema.md"), help="file, or - for stdout"
+    )
+    p.set_defaults(handler=_schema_doc)
+
+    # Options of `simulate` belong to the simulator (see simulate_parser); listed here for help.
+    sub.add_parser(
+        "simulate", help="serve the describeImages simulator until stopped", add_help=False
+    )
+
+    p = sub.add_parser(
+        "demo",
+        help="simulator + embedded PostgreSQL: sync, change the catalogue, sync, show history",
+    )
+    p.add_argument("--images", type=int, default=2000, help="simulated catalogue size")
+    p.add_argument("--seed", type=int, default=7, help="catalogue seed")
+    p.set_defaults(handler=_demo)
+    return parser
+
+
+def simulate_parser() -> argparse.ArgumentParser:
+    """``image-sync simulate``: imported only for that command (production code never
+    imports the simulator)."""
+    from service.simulator import cli as simulator_cli
+
+    parser = argparse.ArgumentParser(
+        prog="image-sync simulate",
+        description="Serve the describeImages simulator until SIGINT/SIGTERM. It accepts the key "
+        "pair in JDCLOUD_ACCESS_KEY/JDCLOUD_SECRET_KEY, or the fixed demo pair when unset.",
+    )
+    simulator_cli.add_arguments(parser)
+    parser.set_defaults(run=simulator_cli.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        sim_args = simulate_parser().parse_args(argv[1:])
+        return int(sim_args.run(sim_args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {}
+        if args.command == "demo":
+            # The demo brings its own simulator and throwaway embedded database.
+            overrides = {"endpoint": "http://127.0.0.1:1", "database_url": ""}
+        settings = load_settings(os.environ, args.config, **overrides)
+        if args.command == "sync":
+            _check_regions(args.region)
+    except ConfigError as exc:
+        print(f"image-sync: configuration error: {exc}", file=sys.stderr)
+        return 2
+    secrets = [
+        settings.secret_key.get_secret_value() if settings.secret_key else "",
+        settings.security_token.get_secret_value() if settings.security_token else "",
+    ]
+    if settings.database_url:
+        secrets.append(_url_password(settings.database_url.get_secret_value()))
+    redactor = setup_logging(
+        log_format=settings.log_format, level=settings.log_level, secrets=secrets
+    )
+    handler: Handler = args.handler
+    try:
+        return asyncio.run(handler(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as exc:
+        print(f"image-sync: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except AuthError as exc:
+        print(
+            redactor.redact(
+                f"image-sync: the API refused the credentials ({exc}); check JDCLOUD_ACCESS_KEY "
+                "and JDCLOUD_SECRET_KEY"
+            ),
+            file=sys.stderr,
+        )
+        return 1
+    except DatabaseError as exc:
+        print(redactor.redact(f"image-sync: database: {exc}"), file=sys.stderr)
+        return 1
+    except ImageSyncError as exc:
+        print(redactor.redact(f"image-sync: {exc}"), file=sys.stderr)
+        return 1
+
+
+def _url_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password or ""
+
+
+def _check_regions(regions: list[str] | None) -> None:
+    if regions:
+        load_settings(
+            {"IMAGE_SYNC_REGIONS": ",".join(regions), "JDCLOUD_ENDPOINT": "http://127.0.0.1"}
+        )
+
+
+async def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    from service.progress import progress_for_terminal
+    from service.runtime import open_runtime
+    from service.sync import sync_once
+
+    async with open_runtime(settings, apply_migrations=args.migrate) as rt:
+        partitions = rt.partitions(args.region, args.source)
+        with progress_for_terminal(partitions) as progress:
+            report = await sync_once(
+                rt.database.engine,
+                rt.client,
+                partitions,
+                page_size=settings.page_size,
+                trigger="cli",
+                metrics=rt.metrics,
+                progress=progress,
+            )
+    bad = [p for p in report.partitions if p.status in ("failed", "incomplete")]
+    print(
+        f"run {report.run_id} {report.status} in {report.seconds:.1f}s: "
+        f"{len(report.partitions) - len(bad)}/{len(report.partitions)} partitions ok, "
+        f"{report.total('images_seen')} images seen, {report.total('created')} created, "
+        f"{report.total('updated')} updated, {report.total('went_offline')} went offline, "
+        f"{report.total('came_online')} came online, {report.total('removed')} removed, "
+        f"{report.total('reappeared')} reappeared"
+    )
+    for p in bad:
+        print(f"  {p.partition}: {p.status}: {p.error_status}: {p.error_message}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from service.daemon import run_daemon
+
+    return await run_daemon(settings, apply_migrations=args.migrate)
+
+
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.store import migrate
+    from service.store.engine import open_database
+
+    async with open_database(settings, pool_size=1) as database:
+        before = await migrate.current_revision(database.engine)
+        await migrate.upgrade(database.engine)
+        after = await migrate.current_revision(database.engine)
+    where = redact_url(database.url)
+    print(f"schema at {after} (was {before or 'empty'}) in {where}")
+    return 0
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from service.report import print_status
+    from service.store import migrate
+    from service.store.engine import open_database
+
+    async with open_database(settings, pool_size=1) as database:
+        await migrate.ensure_current(database.engine)
+        await print_status(database.engine, runs=args.runs)
+    return 0
+
+
+async def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from service.check import check_invariants
+    from service.store import migrate
+    from service.store.engine import open_database
+
+    async with open_database(settings, pool_size=1) as database:
+        await migrate.ensure_current(database.engine)
+        problems = await check_invariants(database.engine)
+    if problems:
+        print(f"{len(problems)} invariant(s) broken:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print("all invariants hold")
+    return 0
+
+
+async def _schema_doc(args: argparse.Namespace, settings: Settings) -> int:
+    from service.schema_doc import render_schema_doc
+    from service.store import migrate
+    from service.store.engine import open_database
+
+    async with open_database(settings, pool_size=1) as database:
+        await migrate.ensure_current(database.engine)
+        text = await render_schema_doc(database.engine)
+    if str(args.output) == "-":
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from service.demo import run_demo
+
+    return await run_demo(settings, images=args.images, seed=args.seed)
