@@ -984,3 +984,36 @@ def test_every_used_metric_is_registered_by_the_service() -> None:
         if name not in exported and name not in SCRAPE_SERIES
     }
     assert not missing, f"used by the dashboard or alerts but not registered: {missing}"
+
+
+# ------------------------------------------------------------------ operations guide
+
+OPERATIONS = REPO / "docs" / "operations.md"
+
+
+def test_operations_guide_documents_every_variable_and_alert() -> None:
+    from service.config import SOURCES, VARIABLES
+
+    text = OPERATIONS.read_text()
+    per_source = {f"IMAGE_SYNC_INTERVAL_{s.upper()}" for s in SOURCES}
+    for variable in set(VARIABLES) - per_source:
+        assert f"`{variable}`" in text, f"docs/operations.md does not describe {variable}"
+    assert "`IMAGE_SYNC_INTERVAL_<SOURCE>`" in text
+    (alerts,) = load_yaml_docs(ALERTS)
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            assert f"| `{rule['alert']}` |" in text, f"no runbook row for {rule['alert']}"
+    for code in ("0", "1", "2"):
+        assert f"\n| {code} |" in text, f"exit code {code} undocumented"
+
+
+def test_operations_guide_paths_exist() -> None:
+    """Every repository path the guide names exists."""
+    text = OPERATIONS.read_text()
+    paths = set(re.findall(r"`((?:deploy|docs)/[\w./-]+)`", text))
+    assert len(paths) >= 10
+    created_by_the_operator = {"deploy/.env"}  # git-ignored, made from deploy/env.example
+    missing = sorted(
+        p for p in paths - created_by_the_operator if not (REPO / p.rstrip("/")).exists()
+    )
+    assert not missing, f"docs/operations.md names missing paths: {missing}"
