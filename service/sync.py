@@ -32,6 +32,7 @@ from service.store.runs import (
     finish_run,
     mark_abandoned,
     record_partition,
+    release_run,
     start_run,
 )
 
@@ -143,6 +144,7 @@ async def sync_once(
         lock_conn = await engine.connect()
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         raise DatabaseError(f"cannot start a run: {describe_error(exc, str(engine.url))}") from None
+    run_id: int | None = None
     try:
         await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
         run_id = await start_run(lock_conn, trigger=trigger)
@@ -206,6 +208,8 @@ async def sync_once(
             )
         return result
     finally:
+        if run_id is not None:
+            await release_run(lock_conn, run_id)
         await lock_conn.close()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.errors import DatabaseError
 from service.store.tables import sync_partitions, sync_runs
 
 RUN_LOCK_SPACE = 0x1D5D
@@ -62,11 +63,24 @@ async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:
         )
         .returning(sync_runs.c.run_id)
     )
-    await lock_conn.execute(
-        sa.text("SELECT pg_advisory_lock(:space, :key)"),
+    locked = await lock_conn.scalar(
+        sa.text("SELECT pg_try_advisory_lock(:space, :key)"),
         {"space": RUN_LOCK_SPACE, "key": run_id % (1 << 31)},
     )
+    if not locked:  # only if a crashed run's id wrapped around onto ours: refuse, loudly
+        raise DatabaseError(f"the liveness lock of run {run_id} is held by another session")
     return run_id
+
+
+async def release_run(lock_conn: AsyncConnection, run_id: int) -> None:
+    """Release the liveness lock before the connection goes back to the pool."""
+    try:
+        await lock_conn.execute(
+            sa.text("SELECT pg_advisory_unlock(:space, :key)"),
+            {"space": RUN_LOCK_SPACE, "key": run_id % (1 << 31)},
+        )
+    except (OSError, sa.exc.SQLAlchemyError):
+        await lock_conn.invalidate()  # a broken connection: its locks died with it
 
 
 async def finish_run(

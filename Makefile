@@ -1,0 +1,50 @@
+# jdcloud-image-sync. Every target bootstraps .venv itself: a fresh machine needs only Python 3.11+.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-db lint format bench bench-small lock clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: simulator + embedded PostgreSQL, sync, change, sync, show the history.
+demo: $(STAMP)
+	$(BIN)/image-sync demo
+
+## make test: the whole suite on TEST_DATABASE_URL, or an embedded PostgreSQL when unset.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## make test-db: only the tests that use a database (CI reruns them on the system PostgreSQL).
+test-db: $(STAMP)
+	$(BIN)/python -m pytest -m db
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-small: $(STAMP)
+	$(BIN)/python -m bench --small
+
+## make lock: refresh requirements.lock (used by the Dockerfile) from pyproject.toml.
+lock: $(STAMP)
+	deploy/tools/lock.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real PostgreSQL (never a mock) and the project's own simulator.
+
+The server is ``TEST_DATABASE_URL`` when set (CI sets it to the system PostgreSQL for
+its second pass), otherwise an embedded PostgreSQL 18 started for the session. Each
+test session creates a database of its own on that server and drops it at the end,
+so parallel runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import Settings, load_settings
+from service.store import migrate
+from service.store.engine import create_engine
+
+INVENTORY_TABLES = "inventory.image_events, inventory.image_disks, inventory.images, inventory.sync_partitions, inventory.sync_runs"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that touches the database carries the ``db`` marker (CI reruns them)."""
+    for item in items:
+        if "database_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
+
+
+def _libpq_url(url: str) -> str:
+    """SQLAlchemy-style URL -> what psycopg accepts (drop the +driver)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a PostgreSQL server's maintenance database."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from service.embedded import EmbeddedPostgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="image-sync-test-pg-"))
+    server = EmbeddedPostgres(tmp)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, migrated to head, dropped afterwards."""
+    name = f"image_sync_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = _libpq_url(pg_server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def session_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url, pool_size=10)
+    await migrate.upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def engine(session_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """The migrated test database, emptied before the test; checks no connection leaks."""
+    async with session_engine.begin() as conn:
+        await conn.execute(sa.text(f"TRUNCATE {INVENTORY_TABLES} RESTART IDENTITY CASCADE"))
+    yield session_engine
+    pool = session_engine.pool
+    assert pool.checkedout() == 0, f"{pool.checkedout()} pooled connections leaked"  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Any:
+    """Settings for a test: the test database, a local endpoint, no rate limit by default."""
+
+    def make(endpoint: str = "http://127.0.0.1:9", **env: str) -> Settings:
+        base = {
+            "DATABASE_URL": database_url,
+            "JDCLOUD_ENDPOINT": endpoint,
+            "IMAGE_SYNC_RATE_LIMIT": "0",
+            "IMAGE_SYNC_HTTP": "off",
+        }
+        return load_settings({**base, **env})
+
+    return make
+
+
+@pytest.fixture
+def cli_env(database_url: str) -> dict[str, str]:
+    """Environment for running ``image-sync`` in a subprocess against the test database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JDCLOUD_", "IMAGE_SYNC_"))}
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "IMAGE_SYNC_RATE_LIMIT": "0",
+            "IMAGE_SYNC_HTTP": "off",
+            "IMAGE_SYNC_LOG_FORMAT": "json",
+        }
+    )
+    return env
