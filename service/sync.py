@@ -131,11 +131,17 @@ async def sync_once(
     metrics: Metrics | None = None,
     progress: Progress | None = None,
     partition_concurrency: int = 8,
-    skip_fresh: Callable[[Partition], bool] | None = None,
+    fresh_within: Callable[[Partition], float] | None = None,
 ) -> SyncReport:
     """List and apply every partition once; record the run. Never raises for API errors
     of one partition; raises :class:`AuthError` (after recording) when credentials fail
     and :class:`DatabaseError` when the run cannot be recorded at all.
+
+    ``fresh_within(p)`` (seconds), when given, skips a partition whose last success is
+    younger than that, checked under the partition's lock: the scheduler's guard against
+    syncing a partition another replica has just finished. Such partitions are reported
+    as ``skipped_fresh`` and not recorded. If the run is cancelled (shutdown), the
+    partitions in hand roll back and the run is recorded as ``abandoned``.
     """
     started = time.monotonic()
     progress = progress or Progress()
@@ -161,7 +167,9 @@ async def sync_once(
                         error_status="UNAUTHENTICATED",
                         error_message="not tried: the credentials were refused",
                     )
-                return await _sync_partition(engine, client, partition, run_id, page_size, progress)
+                return await _sync_partition(
+                    engine, client, partition, run_id, page_size, progress, fresh_within
+                )
 
         tasks = [asyncio.ensure_future(one(p)) for p in partitions]
         reports: list[PartitionReport] = []
@@ -179,10 +187,25 @@ async def sync_once(
                 reports.append(report)
                 _observe(metrics, report)
                 progress.partition_finished(report)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.shield(
+                finish_run(
+                    engine,
+                    run_id,
+                    status="abandoned",
+                    totals=_totals(reports),
+                    error="cancelled (shutdown) before it finished",
+                )
+            )
+            raise
         finally:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         seconds = time.monotonic() - started
+        reports = [r for r in reports if r.status != "skipped_fresh"]
         status = _run_status(reports, auth_failed=bool(auth_failure))
         totals = _totals(reports)
         await finish_run(engine, run_id, status=status, totals=totals, error=error)
@@ -238,6 +261,9 @@ def _totals(reports: Sequence[PartitionReport]) -> dict[str, int]:
 
 def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
     p = report.partition
+    if report.status == "skipped_fresh":
+        log.debug("partition %s skipped: another process synced it moments ago", p)
+        return
     line = (
         f"partition {p} {report.status} in {report.seconds:.2f}s: pages={report.pages} "
         f"requests={report.api_requests} retries={report.retries} "
@@ -270,6 +296,7 @@ async def _sync_partition(
     run_id: int,
     page_size: int,
     progress: Progress,
+    fresh_within: Callable[[Partition], float] | None = None,
 ) -> PartitionReport:
     started_at = datetime.now(UTC)
     started = time.monotonic()
@@ -284,6 +311,10 @@ async def _sync_partition(
             writer = PartitionWriter(conn, region=partition.region, source=partition.source)
             if not await writer.try_lock():
                 report = PartitionReport(partition, "skipped_locked")
+            elif fresh_within is not None and await writer.succeeded_within(
+                fresh_within(partition)
+            ):
+                report = PartitionReport(partition, "skipped_fresh")
             else:
                 await writer.open()
                 stage_lock = asyncio.Lock()

@@ -235,6 +235,20 @@ class PartitionWriter:
         )
         return bool(locked)
 
+    async def succeeded_within(self, seconds: float) -> bool:
+        """True when the partition's last success finished less than ``seconds`` ago."""
+        return bool(
+            await self._conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions"
+                    " WHERE region_id = :region AND image_source = :source"
+                    " AND status = 'succeeded'"
+                    " AND finished_at > clock_timestamp() - make_interval(secs => :seconds))"
+                ),
+                {"region": self.region, "source": self.source, "seconds": seconds},
+            )
+        )
+
     async def open(self) -> None:
         for statement in _CREATE_STAGING:
             await self._conn.execute(sa.text(statement))
