@@ -38,11 +38,14 @@ def expected_image(region: str, source: str, api: dict[str, Any]) -> dict[str, A
         "launch_permission": api.get("launchPermission"),
         "root_device_type": api.get("rootDeviceType"),
         "snapshot_id": api.get("snapshotId"),
-        "boot_mode": api.get("bootMode") or (None if uefi is None else ("uefi" if uefi else "bios")),
+        "boot_mode": api.get("bootMode")
+        or (None if uefi is None else ("uefi" if uefi else "bios")),
         "system_disk_size_gb": api.get("systemDiskSizeGB"),
         "size_mb": api.get("sizeMB"),
         "progress": int(api["progress"]) if api.get("progress") not in (None, "") else None,
-        "created_at": datetime.strptime(api["createTime"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=BEIJING),
+        "created_at": datetime.strptime(api["createTime"], "%Y-%m-%d %H:%M:%S").replace(
+            tzinfo=BEIJING
+        ),
         "offline": api.get("offline"),
         "raw": api,
         "removed_at": None,
@@ -50,7 +53,9 @@ def expected_image(region: str, source: str, api: dict[str, Any]) -> dict[str, A
 
 
 def expected_disks(api: dict[str, Any]) -> list[dict[str, Any]]:
-    attachments = ([api["systemDisk"]] if api.get("systemDisk") else []) + list(api.get("dataDisks") or [])
+    attachments = ([api["systemDisk"]] if api.get("systemDisk") else []) + list(
+        api.get("dataDisks") or []
+    )
     rows = []
     for position, a in enumerate(attachments if api.get("systemDisk") else [None, *attachments]):
         if a is None:
@@ -75,7 +80,9 @@ def expected_disks(api: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-async def database_state(engine: AsyncEngine) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
+async def database_state(
+    engine: AsyncEngine,
+) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
     async with engine.connect() as conn:
         images = {
             (r["region_id"], r["image_id"]): dict(r)
@@ -83,7 +90,11 @@ async def database_state(engine: AsyncEngine) -> tuple[dict[tuple[str, str], dic
         }
         disks: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in (
-            await conn.execute(sa.text("SELECT * FROM inventory.image_disks ORDER BY region_id, image_id, position"))
+            await conn.execute(
+                sa.text(
+                    "SELECT * FROM inventory.image_disks ORDER BY region_id, image_id, position"
+                )
+            )
         ).mappings():
             row = dict(r)
             key = (row.pop("region_id"), row.pop("image_id"))
@@ -107,7 +118,9 @@ async def assert_matches_catalogue(engine: AsyncEngine, catalogue: Any) -> None:
     assert set(listed) == expected_keys
 
 
-async def test_sync_matches_catalogue_column_by_column(engine: AsyncEngine, make_settings: Any) -> None:
+async def test_sync_matches_catalogue_column_by_column(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
     async with running_simulator(images=600, seed=11) as sim:
         report = await sync(engine, make_settings(sim.url))
         assert report.ok, report
@@ -116,23 +129,39 @@ async def test_sync_matches_catalogue_column_by_column(engine: AsyncEngine, make
         # Every (region, source) partition was recorded as a success.
         async with engine.connect() as conn:
             statuses = (
-                await conn.execute(sa.text("SELECT status, count(*) FROM inventory.sync_partitions GROUP BY 1"))
+                await conn.execute(
+                    sa.text("SELECT status, count(*) FROM inventory.sync_partitions GROUP BY 1")
+                )
             ).all()
         assert statuses == [("succeeded", 20)]
 
 
-async def test_catalogue_has_both_disk_kinds_and_offline_images(engine: AsyncEngine, make_settings: Any) -> None:
+async def test_catalogue_has_both_disk_kinds_and_offline_images(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
     """The comparison above is only meaningful if the catalogue exercises every shape."""
     async with running_simulator(images=600, seed=11) as sim:
         await sync(engine, make_settings(sim.url))
     async with engine.connect() as conn:
-        kinds = set((await conn.execute(sa.text("SELECT DISTINCT disk_category FROM inventory.image_disks"))).scalars())
-        data_disks = await conn.scalar(sa.text("SELECT count(*) FROM inventory.image_disks WHERE role = 'data'"))
+        kinds = set(
+            (
+                await conn.execute(
+                    sa.text("SELECT DISTINCT disk_category FROM inventory.image_disks")
+                )
+            ).scalars()
+        )
+        data_disks = await conn.scalar(
+            sa.text("SELECT count(*) FROM inventory.image_disks WHERE role = 'data'")
+        )
         offline = await conn.scalar(sa.text("SELECT count(*) FROM inventory.images WHERE offline"))
         null_offline = await conn.scalar(
-            sa.text("SELECT count(*) FROM inventory.images WHERE offline IS NULL AND image_source IN ('private', 'shared', 'community')")
+            sa.text(
+                "SELECT count(*) FROM inventory.images WHERE offline IS NULL AND image_source IN ('private', 'shared', 'community')"
+            )
         )
-        extra = await conn.scalar(sa.text("SELECT count(*) FROM inventory.images WHERE raw ? 'uefiSupport'"))
+        extra = await conn.scalar(
+            sa.text("SELECT count(*) FROM inventory.images WHERE raw ? 'uefiSupport'")
+        )
     assert kinds == {"local", "cloud"}
     assert data_disks and offline and null_offline and extra
 
@@ -144,5 +173,11 @@ async def test_one_region_and_source_only(engine: AsyncEngine, make_settings: An
         assert report.ok
         expected = len(sim.catalogue.images("cn-east-2", "public"))
     async with engine.connect() as conn:
-        rows = (await conn.execute(sa.text("SELECT region_id, image_source, count(*) FROM inventory.images GROUP BY 1, 2"))).all()
+        rows = (
+            await conn.execute(
+                sa.text(
+                    "SELECT region_id, image_source, count(*) FROM inventory.images GROUP BY 1, 2"
+                )
+            )
+        ).all()
     assert rows == [("cn-east-2", "public", expected)]
