@@ -1,0 +1,104 @@
+"""Helpers shared by the fault, hostile-input and invariant tests (not a test module).
+
+- :func:`assert_invariants`: ``check_invariants`` must report nothing;
+- :func:`history`: the database's images, disks and events without the values that
+  legitimately differ between two equivalent runs (times, run and event ids), so a
+  faulty run followed by a recovery can be compared with a fault-free run;
+- :func:`mutate`: a deterministic change to a simulated catalogue (every event type).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.check import check_invariants
+
+INVENTORY_TABLES = (
+    "inventory.image_events, inventory.image_disks, inventory.images, "
+    "inventory.sync_partitions, inventory.sync_runs"
+)
+
+
+async def assert_invariants(engine: AsyncEngine) -> None:
+    problems = await check_invariants(engine)
+    assert not problems, "invariants broken:\n" + "\n".join(problems)
+
+
+async def truncate(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(f"TRUNCATE {INVENTORY_TABLES} RESTART IDENTITY CASCADE"))
+
+
+async def history(engine: AsyncEngine) -> dict[str, Any]:
+    """Images, disks and the per-image event sequences, comparable across runs."""
+    async with engine.connect() as conn:
+        images = {
+            (r["region_id"], r["image_id"]): r
+            for r in (
+                await conn.execute(
+                    sa.text("SELECT *, removed_at IS NOT NULL AS removed FROM inventory.images")
+                )
+            ).mappings()
+        }
+        for row in images.values():
+            for volatile in ("first_seen_at", "last_changed_at", "removed_at"):
+                row.pop(volatile)
+        disks = sorted(
+            tuple(r)
+            for r in (await conn.execute(sa.text("SELECT * FROM inventory.image_disks"))).all()
+        )
+        events: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        for r in (
+            await conn.execute(
+                sa.text(
+                    "SELECT region_id, image_id, image_source, event_type, changed_fields,"
+                    " before, after FROM inventory.image_events ORDER BY event_id"
+                )
+            )
+        ).all():
+            events.setdefault((r[0], r[1]), []).append(tuple(r[2:]))
+    return {"images": images, "disks": disks, "events": events}
+
+
+def _dictify(h: dict[str, Any]) -> dict[str, Any]:
+    return {**h, "images": {k: dict(v) for k, v in h["images"].items()}}
+
+
+def assert_same_history(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    a, e = _dictify(actual), _dictify(expected)
+    assert a["images"].keys() == e["images"].keys(), (
+        f"images differ: missing {sorted(e['images'].keys() - a['images'].keys())[:5]}, "
+        f"extra {sorted(a['images'].keys() - e['images'].keys())[:5]}"
+    )
+    for key, row in e["images"].items():
+        assert a["images"][key] == row, f"image {key} differs"
+    assert a["disks"] == e["disks"], "image_disks differ"
+    assert a["events"].keys() == e["events"].keys(), "events for different images"
+    for key, seq in e["events"].items():
+        assert a["events"][key] == seq, f"events of {key}: {a['events'][key]} != {seq}"
+
+
+def mutate(catalogue: Any, step: int = 0) -> None:
+    """Change a catalogue deterministically: offline, online, modify, delete, add.
+
+    Ids are picked in served order (seed-independent of wall time) and added images
+    get fixed ids and createTime, so two catalogues of one seed mutate identically.
+    """
+    public = catalogue.images("cn-north-1", "public")
+    online = [i["imageId"] for i in public if not i.get("offline")]
+    offline = [i["imageId"] for i in public if i.get("offline")]
+    private = [i["imageId"] for i in catalogue.images("cn-east-1", "private")]
+    catalogue.take_offline("cn-north-1", online[0])
+    if offline:
+        catalogue.bring_online("cn-north-1", offline[0])
+    catalogue.modify("cn-east-1", private[0], name=f"renamed-{step}", desc="changed")
+    catalogue.delete("cn-east-1", private[1])
+    catalogue.add(
+        "cn-south-1",
+        "community",
+        imageId=f"img-added{step:05d}",
+        createTime=f"2024-01-0{step % 9 + 1} 08:00:00",
+    )
