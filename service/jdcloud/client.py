@@ -7,6 +7,12 @@ It owns no session: the caller builds one :class:`aiohttp.ClientSession` at star
 * a per-region sliding window: at most ``rate_limit`` requests started in any one
   second (a strict window, not a leaky bucket: the API throttles per second).
 
+A request first waits for room in its region's window, then (still first in its
+region's queue) for a global slot; its start is stamped when it holds both, and only
+then is it signed and sent. So a request waiting for a global slot neither holds a
+slot while it waits for its region's rate, nor carries a stale ``x-jdcloud-date``,
+and the stamp is the moment the request leaves.
+
 Transient failures (429 ``RATE_LIMIT``, 500/502/503/504, timeouts, broken connections,
 unreadable bodies) are retried with exponential backoff and full jitter, honouring
 ``Retry-After``; everything else raises at once. Every attempt is counted in the
@@ -16,10 +22,13 @@ caller's :class:`RequestStats` and in the Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,7 +56,14 @@ BACKOFF_CAP = 20.0
 """Seconds: no single backoff waits longer (except a longer ``Retry-After``)."""
 RETRY_AFTER_CAP = 120.0
 """Seconds: a ``Retry-After`` longer than this is capped."""
+RATE_WINDOW_MARGIN = 0.05
+"""Seconds added to the rate window: the gateway counts arrivals, not our sends, and a
+few milliseconds of network or scheduling jitter must not move a request into the
+previous second's window."""
 TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
+"""describeImages' documented ``pageSize`` range."""
+_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
 
 
 @dataclass(slots=True)
@@ -71,23 +87,30 @@ class Page:
 
 @dataclass(slots=True)
 class _SlidingWindow:
-    """At most ``limit`` acquisitions in any ``period`` seconds."""
+    """At most ``limit`` request starts in any ``period`` seconds, for one region."""
 
     limit: int
     period: float = 1.0
     _starts: deque[float] = field(default_factory=deque)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def acquire(self) -> None:
+    async def admit(self, in_flight: asyncio.Semaphore) -> None:
+        """Wait for room in the window, then for a slot of ``in_flight``; stamp the start.
+
+        The caller owns the acquired ``in_flight`` slot and releases it. Requests of one
+        region pass one at a time (FIFO), so the window is checked and stamped at the
+        moment the request may leave, not before it queued for a global slot.
+        """
         async with self._lock:
             while True:
                 now = time.monotonic()
                 while self._starts and now - self._starts[0] >= self.period:
                     self._starts.popleft()
                 if len(self._starts) < self.limit:
-                    self._starts.append(now)
-                    return
+                    break
                 await asyncio.sleep(self._starts[0] + self.period - now)
+            await in_flight.acquire()
+            self._starts.append(time.monotonic())
 
 
 def open_session(
@@ -125,6 +148,10 @@ class ImagesClient:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if rate_limit < 0 or math.isnan(rate_limit):
+            raise ValueError(f"rate_limit must be >= 0 (0: off), got {rate_limit}")
+        if max_url_length < 256:
+            raise ValueError(f"max_url_length must be >= 256, got {max_url_length}")
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"endpoint must be an http(s) URL, got {endpoint!r}")
@@ -159,7 +186,24 @@ class ImagesClient:
         status: str | None = None,
         stats: RequestStats | None = None,
     ) -> Page:
-        """One page of ``GET /v1/regions/{region}/images`` with the documented filters."""
+        """One page of ``GET /v1/regions/{region}/images`` with the documented filters.
+
+        ``ids`` are sent as ``ids.1=..&ids.2=..`` (as the SDK does); the other filters
+        then have no effect at the API. Raises :class:`ValueError` for arguments the API
+        would refuse (a malformed region, ``page_size`` outside 10..100, a
+        ``page_number`` below 1, an empty id).
+        """
+        _check_region(region)
+        if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(
+                f"page_size must be within {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, got {page_size}"
+            )
+        if page_number < 1:
+            raise ValueError(f"page_number must be >= 1, got {page_number}")
+        if ids is not None and isinstance(ids, str):
+            raise ValueError("ids must be a sequence of image ids, not one string")
+        if ids and not all(isinstance(i, str) and i for i in ids):
+            raise ValueError("ids must be non-empty strings")
         params: list[tuple[str, str | int | bool | Sequence[str]]] = []
         for name, value in (
             ("imageSource", image_source),
@@ -183,6 +227,9 @@ class ImagesClient:
         self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
     ) -> list[Any]:
         """Images by id, split into requests whose URL stays under ``max_url_length``."""
+        _check_region(region)
+        if isinstance(ids, str):
+            raise ValueError("ids must be a sequence of image ids, not one string")
         found: list[Any] = []
         for chunk in self._id_chunks(region, list(dict.fromkeys(ids))):
             page_number = 1
@@ -227,8 +274,25 @@ class ImagesClient:
             return None
         window = self._windows.get(region)
         if window is None:
-            window = self._windows[region] = _SlidingWindow(max(1, int(self._rate)))
+            # Below 1/s: one request per 1/rate seconds; otherwise floor(rate) per second,
+            # so no one-second window ever holds more than the configured rate.
+            limit = max(1, int(self._rate))
+            period = (1.0 if self._rate >= 1 else 1.0 / self._rate) + RATE_WINDOW_MARGIN
+            window = self._windows[region] = _SlidingWindow(limit, period)
         return window
+
+    @asynccontextmanager
+    async def _slot(self, region: str) -> AsyncIterator[None]:
+        """Hold a global in-flight slot, admitted by the region's rate window."""
+        window = self._window(region)
+        if window is None:
+            await self._in_flight.acquire()
+        else:
+            await window.admit(self._in_flight)
+        try:
+            yield
+        finally:
+            self._in_flight.release()
 
     async def _get(self, region: str, query: str, stats: RequestStats) -> bytes:
         attempt = 0
@@ -251,39 +315,23 @@ class ImagesClient:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, region: str, query: str, stats: RequestStats) -> bytes:
-        window = self._window(region)
-        if window is not None:
-            await window.acquire()
-        path = self._path(region)
-        headers = {"Content-Type": "application/json"}
-        creds = self._credentials
-        headers.update(
-            sign_headers(
-                method="GET",
-                host=self._host,
-                path=path,
-                query=query,
-                headers=headers,
-                body="",
-                access_key=creds.access_key,
-                secret_key=creds.secret_key,
-                region=region,
-                security_token=creds.security_token,
-            )
-        )
         url = URL(self._url(region, query), encoded=True)
-        stats.requests += 1
-        async with self._in_flight:
+        async with self._slot(region):
+            # Signed only now, when the request leaves: however long it queued for the
+            # rate window or a global slot, x-jdcloud-date is within the gateway's skew.
+            headers = self._signed_headers(region, query)
+            stats.requests += 1
             try:
                 async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                     body = await resp.read()
                     status = resp.status
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
                     request_id = resp.headers.get("x-jdcloud-request-id")
-            except TimeoutError:
+            except TimeoutError as exc:
                 self._count(region, "error")
+                detail = str(exc) or type(exc).__name__
                 raise TransientApiError(
-                    "request timed out", status="TIMEOUT", region=region
+                    f"request timed out: {detail}", status="TIMEOUT", region=region
                 ) from None
             except aiohttp.ClientError as exc:
                 self._count(region, "error")
@@ -296,6 +344,27 @@ class ImagesClient:
         if status == 200:
             return body
         raise self._error(status, body, region, retry_after, request_id, stats)
+
+    def _signed_headers(self, region: str, query: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        creds = self._credentials
+        headers.update(
+            sign_headers(
+                method="GET",
+                host=self._host,
+                path=self._path(region),
+                query=query,
+                headers=headers,
+                body="",
+                access_key=creds.access_key,
+                secret_key=creds.secret_key,
+                region=region,
+                security_token=creds.security_token,
+            )
+        )
+        # Not signed (the gateway ignores it); sent even on a session built elsewhere.
+        headers["User-Agent"] = USER_AGENT
+        return headers
 
     def _count(self, region: str, status: str) -> None:
         if self._metrics:
@@ -332,6 +401,11 @@ class ImagesClient:
         if http_status in TRANSIENT_HTTP:
             return TransientApiError(message, **kwargs)
         return PermanentApiError(message, **kwargs)
+
+
+def _check_region(region: str) -> None:
+    if not isinstance(region, str) or not _REGION_RE.match(region):
+        raise ValueError(f"region must be a region id like cn-north-1, got {region!r}")
 
 
 def _retry_after(value: str | None) -> float | None:
