@@ -285,3 +285,34 @@ async def test_no_change_resync_writes_zero_rows(
     assert after == before, (
         f"rows written by a no-change resync: { {k: after[k] - before[k] for k in after} }"
     )
+
+
+async def test_a_crashed_run_is_marked_abandoned_and_a_live_one_is_not(engine: AsyncEngine) -> None:
+    from service.store.runs import mark_abandoned, release_run, start_run
+
+    # A live run: its process holds the liveness lock on its connection.
+    live_conn = await engine.connect()
+    await live_conn.execution_options(isolation_level="AUTOCOMMIT")
+    live = await start_run(live_conn, trigger="cli")
+    # A crashed run: the row says running, but no session holds its lock.
+    async with engine.begin() as conn:
+        crashed = await conn.scalar(
+            sa.text(
+                "INSERT INTO inventory.sync_runs (started_at, status, trigger, host, pid) "
+                "VALUES (now(), 'running', 'schedule', 'gone-host', 1) RETURNING run_id"
+            )
+        )
+    try:
+        assert await mark_abandoned(engine) == 1
+        async with engine.connect() as conn:
+            statuses = dict(
+                (
+                    await conn.execute(sa.text("SELECT run_id, status FROM inventory.sync_runs"))
+                ).all()
+            )
+        assert statuses == {live: "running", crashed: "abandoned"}
+    finally:
+        await release_run(live_conn, live)
+        await live_conn.close()
+    # Once its process lets go (here: releases the lock), the live one would be swept too.
+    assert await mark_abandoned(engine) == 1

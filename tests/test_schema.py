@@ -201,3 +201,20 @@ async def test_every_documented_query_runs_on_a_synced_database(
             if "yesterday" not in title:  # the database is minutes old: nothing a day ago
                 assert rows, f"query {title!r} returned nothing on a synced database"
         await conn.execute(sa.text("RESET ROLE"))
+
+
+def test_migrations_are_additive() -> None:
+    """Readers rely on every column and view: no upgrade() may drop one."""
+    forbidden = re.compile(
+        r"drop_column|drop_table|DROP\s+(VIEW|COLUMN|TABLE)|alter_column\(.*type_", re.I
+    )
+    paths = sorted((ROOT / "migrations" / "versions").glob("0*.py"))
+    assert paths
+    for path in paths:
+        source = path.read_text(encoding="utf-8")
+        if "def upgrade" not in source:
+            continue
+        upgrade = source.split("def upgrade", 1)[1].split("\ndef downgrade", 1)[0]
+        assert not forbidden.search(upgrade), (
+            f"{path.name}: upgrade() drops or retypes something readers use"
+        )
