@@ -42,6 +42,11 @@ MAX_LISTING_PASSES = 3
 """How many times a drifting listing is read before the partition is incomplete."""
 MAX_REPORTED_INVALID = 20
 """Invalid items logged per partition (all are counted)."""
+_NOT_RECORDED = {
+    "skipped_fresh": "skipped: another process synced it moments ago",
+    "not_started": "not started: shutting down",
+}
+"""Partition outcomes that leave no row in sync_partitions, with their debug line."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -132,6 +137,7 @@ async def sync_once(
     progress: Progress | None = None,
     partition_concurrency: int = 8,
     fresh_within: Callable[[Partition], float] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> SyncReport:
     """List and apply every partition once; record the run. Never raises for API errors
     of one partition; raises :class:`AuthError` (after recording) when credentials fail
@@ -140,8 +146,10 @@ async def sync_once(
     ``fresh_within(p)`` (seconds), when given, skips a partition whose last success is
     younger than that, checked under the partition's lock: the scheduler's guard against
     syncing a partition another replica has just finished. Such partitions are reported
-    as ``skipped_fresh`` and not recorded. If the run is cancelled (shutdown), the
-    partitions in hand roll back and the run is recorded as ``abandoned``.
+    as ``skipped_fresh`` and not recorded. Once ``stop`` is set, partitions not yet
+    started are left for a later run (reported as ``not_started``, not recorded): the
+    daemon's shutdown. If the run is cancelled (shutdown), the partitions in hand roll
+    back and the run is recorded as ``abandoned``.
     """
     started = time.monotonic()
     progress = progress or Progress()
@@ -160,6 +168,8 @@ async def sync_once(
 
         async def one(partition: Partition) -> PartitionReport:
             async with gate:
+                if stop is not None and stop.is_set():
+                    return PartitionReport(partition, "not_started")
                 if auth_failure:
                     return PartitionReport(
                         partition,
@@ -205,7 +215,7 @@ async def sync_once(
             await asyncio.gather(*tasks, return_exceptions=True)
 
         seconds = time.monotonic() - started
-        reports = [r for r in reports if r.status != "skipped_fresh"]
+        reports = [r for r in reports if r.status not in _NOT_RECORDED]
         status = _run_status(reports, auth_failed=bool(auth_failure))
         totals = _totals(reports)
         await finish_run(engine, run_id, status=status, totals=totals, error=error)
@@ -261,8 +271,8 @@ def _totals(reports: Sequence[PartitionReport]) -> dict[str, int]:
 
 def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
     p = report.partition
-    if report.status == "skipped_fresh":
-        log.debug("partition %s skipped: another process synced it moments ago", p)
+    if report.status in _NOT_RECORDED:
+        log.debug("partition %s %s", p, _NOT_RECORDED[report.status])
         return
     line = (
         f"partition {p} {report.status} in {report.seconds:.2f}s: pages={report.pages} "

@@ -1,0 +1,311 @@
+"""``image-sync run``: the scheduler, the replicas' coordination, and the lifecycle.
+
+One :class:`Daemon` owns an APScheduler ``AsyncIOScheduler`` that ticks every
+*tick interval* (the smallest of the configured sources' intervals) with a little
+jitter, ``max_instances=1`` and ``coalesce=True``, and once right after start.
+
+Coordination between replicas lives in PostgreSQL only:
+
+- Ticks are aligned to multiples of the tick interval since the Unix epoch, so the
+  replicas of one deployment tick together (within the jitter and their clock skew).
+- A partition is *due* when its last success is older than its source's interval
+  minus half a tick (:meth:`Daemon.due_partitions`, read from ``sync_partitions``).
+- :func:`~service.sync.sync_once` takes each partition's advisory lock and checks the
+  freshness again under it (``fresh_within``), so of N replicas ticking together one
+  syncs each due partition and the others skip it (``skipped_locked`` while it is held,
+  silently once it is done). A replica that dies loses its locks with its connections;
+  the partition is due again on the next tick of any replica.
+
+Lifecycle: SIGTERM/SIGINT stop the scheduler and tell the run in hand to start no
+more partitions; the partitions in hand get ``grace_period`` seconds to finish, then
+the run is cancelled (their transactions roll back, the run is recorded
+``abandoned``). The pool and the HTTP session close and :func:`run_daemon` returns 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from service.config import Settings
+from service.errors import AuthError, DatabaseError, SchemaNotCurrent
+from service.metrics import Metrics
+from service.runtime import Runtime, open_runtime
+from service.store import migrate
+from service.store.engine import describe_error
+from service.store.runs import mark_abandoned
+from service.sync import Partition, SyncReport, sync_once
+
+log = logging.getLogger(__name__)
+
+JITTER_FRACTION = 0.1
+"""Jitter added to each tick, as a fraction of the tick interval ..."""
+MAX_JITTER = 30.0
+"""... and at most this many seconds."""
+DUE_SLACK_FRACTION = 0.5
+"""A partition is due this fraction of a tick before its interval has passed: ticks of
+the replicas land within the jitter of a tick boundary, not exactly on it."""
+
+LAST_SUCCESS_SQL = """
+SELECT region_id, image_source,
+       extract(epoch FROM clock_timestamp() - max(finished_at))::double precision AS age_seconds
+  FROM inventory.sync_partitions
+ WHERE status = 'succeeded'
+ GROUP BY region_id, image_source
+"""
+
+
+class DaemonState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Daemon:
+    """Scheduled syncs on one :class:`~service.runtime.Runtime` (which the caller owns)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings: Settings = runtime.settings
+        self.partitions: list[Partition] = runtime.partitions()
+        self.tick_interval = min(self.settings.interval_for(s) for s in self.settings.sources)
+        self.jitter = min(self.tick_interval * JITTER_FRACTION, MAX_JITTER)
+        self.state = DaemonState.CREATED
+        self.last_report: SyncReport | None = None
+        self.schema_ok = True
+        self._stop = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+
+    # -- scheduling -------------------------------------------------------------------
+
+    def interval_for(self, partition: Partition) -> float:
+        return self.settings.interval_for(partition.source)
+
+    def fresh_within(self, partition: Partition) -> float:
+        """Seconds within which a success makes ``partition`` not due."""
+        return self.interval_for(partition) - self.tick_interval * DUE_SLACK_FRACTION
+
+    async def due_partitions(self) -> list[Partition]:
+        """The configured partitions whose last success is older than ``fresh_within``."""
+        async with self.runtime.database.engine.connect() as conn:
+            rows = (await conn.execute(sa.text(LAST_SUCCESS_SQL))).all()
+        ages = {(r.region_id, r.image_source): r.age_seconds for r in rows}
+        return [
+            p
+            for p in self.partitions
+            if (age := ages.get((p.region, p.source))) is None or age >= self.fresh_within(p)
+        ]
+
+    async def tick(self) -> SyncReport | None:
+        """One scheduled tick: sync the due partitions. Never raises for expected failures
+        (the next tick retries); returns the run's report, or None when nothing ran."""
+        if self._stop.is_set():
+            return None
+        engine = self.runtime.database.engine
+        try:
+            await migrate.ensure_current(engine)
+            self.schema_ok = True
+            due = await self.due_partitions()
+        except SchemaNotCurrent as exc:
+            if self.schema_ok:
+                log.error("tick: syncs paused: %s", exc)
+            self.schema_ok = False
+            return None
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            log.error("tick: database unavailable: %s", describe_error(exc, str(engine.url)))
+            return None
+        if self._stop.is_set():
+            return None
+        if not due:
+            log.info("tick: no partition due (%d configured)", len(self.partitions))
+            return None
+        log.info("tick: %d of %d partitions due", len(due), len(self.partitions))
+        try:
+            report = await sync_once(
+                engine,
+                self.runtime.client,
+                due,
+                page_size=self.settings.page_size,
+                trigger="schedule",
+                metrics=self.runtime.metrics,
+                fresh_within=self.fresh_within,
+                stop=self._draining,
+            )
+        except AuthError as exc:
+            log.error("tick: the API refused the credentials: %s", exc)
+            return None
+        except DatabaseError as exc:
+            log.error("tick: %s", exc)
+            return None
+        self.last_report = report
+        return report
+
+    async def _scheduled_tick(self) -> None:
+        """The scheduler's job: a tick, tracked so that shutdown can wait for it."""
+        self._tick_task = asyncio.current_task()
+        try:
+            await self.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug; the daemon keeps ticking and says so
+            log.exception("tick failed unexpectedly")
+        finally:
+            self._tick_task = None
+
+    def _start_scheduler(self) -> AsyncIOScheduler:
+        # Align tick boundaries on the epoch so the replicas of a deployment tick together.
+        now = time.time()
+        aligned = math.floor(now / self.tick_interval) * self.tick_interval
+        trigger = IntervalTrigger(
+            seconds=self.tick_interval,
+            start_date=datetime.fromtimestamp(aligned, UTC),
+            jitter=self.jitter or None,
+            timezone=UTC,
+        )
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_job(
+            self._scheduled_tick,
+            trigger,
+            id="sync",
+            name="sync due partitions",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=datetime.now(UTC),
+        )
+        scheduler.start()
+        return scheduler
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop taking new work; :meth:`serve` then drains and returns."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def serve(self) -> None:
+        """Tick until :meth:`request_stop`; then drain the run in hand within the grace."""
+        if self.state is not DaemonState.CREATED:
+            raise RuntimeError(f"the daemon cannot serve twice (it is {self.state.value})")
+        self.state = DaemonState.RUNNING
+        self._scheduler = self._start_scheduler()
+        sources = ", ".join(
+            f"{s}={self.settings.interval_for(s):g}s" for s in self.settings.sources
+        )
+        log.info(
+            "daemon started: %d partitions, tick every %gs (jitter up to %.1fs), intervals %s",
+            len(self.partitions),
+            self.tick_interval,
+            self.jitter,
+            sources,
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            self.state = DaemonState.STOPPING
+            # Pause first: shutting the scheduler down would cancel the tick in hand.
+            self._scheduler.pause()
+            await self._drain()
+            self._scheduler.shutdown(wait=False)
+            await asyncio.sleep(0)  # the scheduler shuts down on the loop's next turn
+            self.state = DaemonState.STOPPED
+
+    async def _drain(self) -> None:
+        self._draining.set()
+        task = self._tick_task
+        if task is None or task.done():
+            log.info("daemon stopping: no sync in progress")
+            return
+        grace = self.settings.grace_period
+        log.info("daemon stopping: waiting up to %gs for the partitions in hand", grace)
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if done:
+            log.info("daemon stopping: the run in hand finished")
+            return
+        log.warning("daemon stopping: grace period over; cancelling the run in hand")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean stop. Raises DatabaseError (and its
+    SchemaNotCurrent) when the database is unusable at start."""
+    loop = asyncio.get_running_loop()
+    signals: list[signal.Signals] = []
+    daemon: Daemon | None = None
+    early_stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if early_stop.is_set() or (daemon is not None and daemon.stopping):
+            log.warning("second %s: exiting at once", signum.name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s received: stopping", signum.name)
+        early_stop.set()
+        if daemon is not None:
+            daemon.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+        signals.append(signum)
+    metrics = Metrics()
+    try:
+        async with AsyncExitStack() as stack:
+            runtime = await stack.enter_async_context(
+                open_runtime(settings, metrics=metrics, apply_migrations=apply_migrations)
+            )
+            abandoned = await _mark_abandoned(runtime)
+            if abandoned:
+                log.info("marked %d run(s) of stopped processes as abandoned", abandoned)
+            daemon = Daemon(runtime)
+            if early_stop.is_set():
+                daemon.request_stop()
+            address = settings.http_address
+            if address is not None:
+                from service.web.server import start_status_server
+
+                await stack.enter_async_context(start_status_server(daemon, *address))
+            metrics.up.set(1)
+            try:
+                await daemon.serve()
+            finally:
+                metrics.up.set(0)
+        log.info("daemon stopped")
+        return 0
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _mark_abandoned(runtime: Runtime) -> int:
+    engine = runtime.database.engine
+    try:
+        return await mark_abandoned(engine)
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise DatabaseError(
+            f"cannot check for abandoned runs: {describe_error(exc, str(engine.url))}"
+        ) from None
+
+
+__all__: Sequence[str] = ("Daemon", "DaemonState", "run_daemon")

@@ -1,0 +1,1 @@
+"""The status server: ``/healthz``, ``/readyz``, ``/metrics`` and the HTML status page."""
