@@ -119,11 +119,10 @@ class Progress:
 class _Staged:
     """Per-partition bookkeeping while pages stream into staging."""
 
-    ids_by_listing: dict[int, set[str]] = field(default_factory=dict)
-    staged: dict[str, int] = field(default_factory=dict)
     invalid: int = 0
     invalid_without_id: int = 0
     keep_ids: set[str] = field(default_factory=set)
+    outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
 
 
 async def sync_once(
@@ -312,7 +311,6 @@ async def _sync_partition(
     started = time.monotonic()
     stats = RequestStats()
     staged = _Staged()
-    outcomes: list[ListingOutcome] = []
     status = "failed"
     report: PartitionReport
     progress.partition_started(partition)
@@ -336,7 +334,6 @@ async def _sync_partition(
                             listing,
                             staged,
                             stats,
-                            outcomes,
                             page_size,
                             stage_lock,
                             progress,
@@ -368,7 +365,7 @@ async def _sync_partition(
                     pages=stats.pages,
                     api_requests=stats.requests,
                     retries=stats.retries,
-                    total_count=sum(o.total_count for o in outcomes[-len(partition.listings()) :]),
+                    total_count=sum(o.total_count for o in staged.outcomes.values()),
                     invalid_items=staged.invalid,
                     error_status="DRIFT"
                     if message and not all(settled)
@@ -466,7 +463,6 @@ class _ListingPass:
         self.lock = lock
         self.ids: set[str] = set()
         self.idless = 0
-        staged.ids_by_listing[listing.index] = self.ids
 
     @property
     def unique(self) -> int:
@@ -491,11 +487,8 @@ class _ListingPass:
                     log.warning("partition %s: invalid item skipped: %s", listing, exc)
                 continue
             if row.image_id in self.ids:
-                continue
+                continue  # seen on an earlier page of this pass (page-number drift)
             self.ids.add(row.image_id)
-            if row.image_id in staged.staged:
-                continue  # already staged from the other listing of this partition
-            staged.staged[row.image_id] = listing.index
             rows.append(row)
         async with self.lock:
             await self.writer.stage(rows, listing.index)
@@ -507,7 +500,6 @@ async def _list_until_settled(
     listing: Listing,
     staged: _Staged,
     stats: RequestStats,
-    outcomes: list[ListingOutcome],
     page_size: int,
     stage_lock: asyncio.Lock,
     progress: Progress,
@@ -518,9 +510,6 @@ async def _list_until_settled(
         if attempt > 1:
             async with stage_lock:
                 await writer.discard_listing(listing.index)
-                for image_id in staged.ids_by_listing.get(listing.index, ()):
-                    if staged.staged.get(image_id) == listing.index:
-                        del staged.staged[image_id]
         this_pass = _ListingPass(writer, listing, staged, stage_lock)
         outcome = await list_pages(
             client,
@@ -530,7 +519,7 @@ async def _list_until_settled(
             on_page=this_pass.on_page,
             on_progress=lambda done, total: progress.pages(partition, listing, done, total),
         )
-        outcomes.append(outcome)
+        staged.outcomes[listing.index] = outcome
         if outcome.settled(this_pass.unique):
             return True
         log.info(

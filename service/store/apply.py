@@ -80,6 +80,16 @@ _SET_COLS = ", ".join(
 )
 _DISK_COLS = ", ".join(DISK_COLUMNS)
 
+_DEDUPE_IMAGES = """
+DELETE FROM stage_images a USING stage_images b
+ WHERE a.image_id = b.image_id AND a.listing < b.listing
+"""
+_DEDUPE_DISKS = """
+DELETE FROM stage_disks d
+ WHERE NOT EXISTS (SELECT 1 FROM stage_images s
+                    WHERE s.image_id = d.image_id AND s.listing = d.listing)
+"""
+
 # Classify staged images against the table. Unchanged ones (same hash, still listed)
 # are not selected at all, so nothing below touches them.
 _CLASSIFY = f"""
@@ -291,6 +301,10 @@ class PartitionWriter:
         conn = self._conn
         await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
+        # An image that moved between the online and offline listings while they were
+        # read can be in both: keep one (the offline listing's), never two.
+        await conn.execute(sa.text(_DEDUPE_IMAGES))
+        await conn.execute(sa.text(_DEDUPE_DISKS))
         await conn.execute(sa.text("ANALYZE stage_images"))
         await conn.execute(sa.text("ANALYZE stage_disks"))
         seen = await conn.scalar(sa.text("SELECT count(*) FROM stage_images")) or 0
