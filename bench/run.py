@@ -1,0 +1,410 @@
+"""``python -m bench [--small]``: run every phase against one simulator and one database.
+
+Order: start the simulator process (its own CPU and GIL), create a fresh database and
+migrate it, then measure in subprocesses: the floor, the full initial sync, a
+no-change resync, a resync after ``change_fraction`` of the catalogue changed (through
+the simulator's admin endpoints), and the SDK baseline. Rows written per table come
+from ``pg_stat_user_tables`` deltas around each sync. Prints a table and writes JSON
+under ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.scenario import BIG_PARTITION, FULL, SMALL, Scenario
+
+RESULTS = Path(__file__).parent / "results"
+SYSTEM_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+TABLES = ("images", "image_disks", "image_events")
+OFFLINE_SOURCES = ("public", "thirdparty")
+
+TARGET_FLOOR_RATIO = 1.3
+TARGET_BASELINE_SPEEDUP = 20.0
+TARGET_RSS_MB = 250.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="2,000 images, 10 ms: seconds")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL"),
+        help="a PostgreSQL server's maintenance database (default: BENCH_DATABASE_URL, "
+        "else 127.0.0.1:5432 when it answers, else an embedded PostgreSQL)",
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where JSON goes")
+    parser.add_argument(
+        "--profile", type=Path, help="write a pyinstrument profile of the full sync"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the SDK baseline")
+    args = parser.parse_args(argv)
+    scenario = SMALL if args.small else FULL
+    result = run(
+        scenario,
+        server_url=args.database_url,
+        profile=args.profile,
+        baseline=not args.no_baseline,
+    )
+    print_table(result)
+    write_results(result, args.results_dir)
+    return 0 if result["completed"] else 1
+
+
+# --- orchestration -------------------------------------------------------------------------
+
+
+def run(
+    scenario: Scenario,
+    *,
+    server_url: str | None = None,
+    profile: Path | None = None,
+    baseline: bool = True,
+) -> dict[str, Any]:
+    log(f"scenario {scenario.name}: {scenario.images} images, {scenario.latency_ms} ms latency")
+    with (
+        postgres_server(server_url) as server,
+        fresh_database(server) as database_url,
+        simulator(scenario) as endpoint,
+    ):
+        config = {
+            "endpoint": endpoint,
+            "database_url": database_url,
+            "scenario": scenario.to_dict(),
+        }
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            server_version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            log("migrating a fresh schema")
+            migrate(database_url)
+            phases: dict[str, Any] = {}
+            log("floor: fetch and decode every page")
+            phases["floor"] = run_phase("floor", config)
+            log("full initial sync")
+            phases["full_sync"] = measured_sync(conn, config, profile)
+            log("no-change resync")
+            phases["no_change_resync"] = measured_sync(conn, config)
+            changes = change_catalogue(conn, endpoint, scenario)
+            log(f"resync after {sum(changes.values())} catalogue changes {changes}")
+            phases["changed_resync"] = measured_sync(conn, config)
+            phases["changed_resync"]["catalogue_changes"] = changes
+            if baseline:
+                log(
+                    f"baseline: SDK + one upsert per row (page 1 and every {scenario.baseline_stride}th page, scaled)"
+                )
+                phases["baseline"] = run_phase("baseline", config)
+    return summarise(scenario, phases, server_version)
+
+
+def measured_sync(
+    conn: psycopg.Connection, config: dict[str, Any], profile: Path | None = None
+) -> dict[str, Any]:
+    before = table_writes(conn)
+    result = run_phase("sync", {**config, "profile": str(profile) if profile else None})
+    # The sync's backends have exited, which flushes their statistics; wait until the
+    # cumulative counters stop moving to be sure we read them after the flush.
+    after = settled_table_writes(conn)
+    result["rows_written"] = {t: after[t] - before[t] for t in TABLES}
+    return result
+
+
+def run_phase(phase: str, config: dict[str, Any]) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.phases", phase, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_clean_env(),
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"phase {phase} failed ({completed.returncode}):\n{completed.stderr}")
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    log(f"  {phase}: {result['seconds']:.2f}s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+def migrate(database_url: str) -> None:
+    from service.store import migrate as migrations
+    from service.store.engine import create_engine
+
+    async def upgrade() -> None:
+        engine = create_engine(database_url, pool_size=1)
+        try:
+            await migrations.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(upgrade())
+
+
+def table_writes(conn: psycopg.Connection) -> dict[str, int]:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = conn.execute(
+        "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables"
+        " WHERE schemaname = 'inventory' AND relname = ANY(%s)",
+        [list(TABLES)],
+    ).fetchall()
+    found = {name: int(count) for name, count in rows}
+    return {t: found.get(t, 0) for t in TABLES}
+
+
+def settled_table_writes(conn: psycopg.Connection, *, timeout: float = 10.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    last = table_writes(conn)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = table_writes(conn)
+        if current == last:
+            return current
+        last = current
+    return last
+
+
+def change_catalogue(conn: psycopg.Connection, endpoint: str, scenario: Scenario) -> dict[str, int]:
+    """Change ``change_fraction`` of the catalogue: edits, offline flips, deletions, additions."""
+    rng = random.Random(scenario.seed + 1)
+    listed = conn.execute(
+        'SELECT region_id, image_id, image_source, coalesce("offline", false)'
+        " FROM inventory.images WHERE removed_at IS NULL ORDER BY region_id, image_id"
+    ).fetchall()
+    total = max(1, round(scenario.images * scenario.change_fraction))
+    additions = total // 10
+    operations: list[tuple[str, dict[str, Any]]] = []
+    for i, (region, image_id, source, offline) in enumerate(rng.sample(listed, total - additions)):
+        if source in OFFLINE_SOURCES and i % 3 == 0:
+            op = "bring_online" if offline else "take_offline"
+            operations.append((op, {"region": region, "image_id": image_id}))
+        elif i % 9 == 1:
+            operations.append(("delete", {"region": region, "image_id": image_id}))
+        else:
+            fields = {"desc": f"changed by the benchmark ({i})"}
+            operations.append(
+                ("modify", {"region": region, "image_id": image_id, "fields": fields})
+            )
+    partitions = sorted({(region, source) for region, _, source, _ in listed})
+    for _ in range(additions):
+        region, source = rng.choice(partitions)
+        operations.append(("add", {"region": region, "source": source}))
+    counts: dict[str, int] = {}
+    for op, body in operations:
+        request = urllib.request.Request(
+            f"{endpoint}/__simulator__/catalogue/{op}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+# --- the simulator and the database ------------------------------------------------------
+
+
+@contextmanager
+def simulator(scenario: Scenario) -> Iterator[str]:
+    """The simulator as a separate process; yields its endpoint URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "service", "simulate",
+        "--port", str(port),
+        "--seed", str(scenario.seed),
+        "--images", str(scenario.images),
+        "--latency-ms", str(scenario.latency_ms),
+        "--skew", f"{BIG_PARTITION}={scenario.skew}",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the simulator exited: {process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                with urllib.request.urlopen(f"{endpoint}/__simulator__/stats", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the simulator did not answer within 180 s") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+@contextmanager
+def postgres_server(url: str | None) -> Iterator[str]:
+    """A server URL: the one given, the system PostgreSQL if it answers, else embedded."""
+    if url:
+        yield url
+        return
+    try:
+        with psycopg.connect(SYSTEM_POSTGRES, connect_timeout=2):
+            pass
+    except psycopg.OperationalError:
+        pass
+    else:
+        yield SYSTEM_POSTGRES
+        return
+    from service.embedded import EmbeddedPostgres
+
+    data = Path(tempfile.mkdtemp(prefix="image-sync-bench-pg-"))
+    server = EmbeddedPostgres(data)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    from sqlalchemy.engine import make_url
+
+    name = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = make_url(server_url).set(drivername="postgresql")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without anything that would point the service elsewhere."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JDCLOUD_", "IMAGE_SYNC_")) and k != "DATABASE_URL"
+    }
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def summarise(scenario: Scenario, phases: dict[str, Any], server_version: str) -> dict[str, Any]:
+    floor = phases["floor"]["seconds"]
+    baseline = phases.get("baseline", {}).get("seconds")
+    for result in phases.values():
+        result["x_floor"] = result["seconds"] / floor
+        result["baseline_speedup"] = baseline / result["seconds"] if baseline else None
+    full = phases["full_sync"]
+    syncs = [phases[k] for k in ("full_sync", "no_change_resync", "changed_resync")]
+    targets = {
+        "full_sync_x_floor": {
+            "value": full["x_floor"],
+            "target": f"<= {TARGET_FLOOR_RATIO}",
+            "met": full["x_floor"] <= TARGET_FLOOR_RATIO,
+        },
+        "baseline_speedup": {
+            "value": full["baseline_speedup"],
+            "target": f">= {TARGET_BASELINE_SPEEDUP}",
+            "met": baseline is not None and full["baseline_speedup"] >= TARGET_BASELINE_SPEEDUP,
+        },
+        "no_change_rows_written": {
+            "value": phases["no_change_resync"]["rows_written"],
+            "target": "0 in each table",
+            "met": not any(phases["no_change_resync"]["rows_written"].values()),
+        },
+        "peak_rss_mb": {
+            "value": max(s["peak_rss_mb"] for s in syncs),
+            "target": f"<= {TARGET_RSS_MB}",
+            "met": max(s["peak_rss_mb"] for s in syncs) <= TARGET_RSS_MB,
+        },
+    }
+    return {
+        "scenario": scenario.to_dict(),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "postgresql": server_version,
+            "platform": platform.platform(),
+        },
+        "phases": phases,
+        "targets": targets,
+        "completed": all(s["status"] == "succeeded" for s in syncs),
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    s = result["scenario"]
+    print(
+        f"\n{s['name']}: {s['images']} images, {s['latency_ms']:g} ms latency, "
+        f"concurrency {s['concurrency']}, page size {s['page_size']}, rate limit off, "
+        f"{result['machine']['cpus']} CPUs, PostgreSQL {result['machine']['postgresql']}"
+    )
+    header = f"{'phase':<18} {'wall s':>8} {'x floor':>8} {'x faster than baseline':>23} {'rows written (images/disks/events)':>35} {'peak RSS MB':>12}"
+    print(header)
+    print("-" * len(header))
+    for name, p in result["phases"].items():
+        rows = p.get("rows_written")
+        written = "/".join(str(rows[t]) for t in TABLES) if rows else "-"
+        speedup = f"{p['baseline_speedup']:.1f}" if p.get("baseline_speedup") else "-"
+        print(
+            f"{name:<18} {p['seconds']:>8.2f} {p['x_floor']:>8.2f} {speedup:>23} "
+            f"{written:>35} {p['peak_rss_mb']:>12.0f}"
+        )
+    b = result["phases"].get("baseline")
+    if b:
+        print(
+            f"baseline: {b['sampled_pages']} of {b['total_pages']} pages fetched and written in "
+            f"{b['measured_seconds']:.2f}s, scaled x{b['scale']:.2f}"
+        )
+    print()
+    for name, t in result["targets"].items():
+        value = t["value"]
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{'ok  ' if t['met'] else 'MISS'} {name}: {shown} (target {t['target']})")
+
+
+def write_results(result: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = result["scenario"]["name"]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    prefix = "" if name == "full" else f"{name}-"
+    path = directory / f"{prefix}{stamp}.json"
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    path.write_text(text)
+    (directory / f"latest{'' if name == 'full' else '-' + name}.json").write_text(text)
+    log(f"wrote {path}")
+    return path
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,37 @@
+"""The benchmark's small mode runs end to end, so it cannot rot. Not timed: no speed asserts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.run import TABLES, print_table, run, write_results
+from bench.scenario import SMALL
+
+
+@pytest.mark.db
+def test_small_benchmark_runs_end_to_end(
+    pg_server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run(SMALL, server_url=pg_server_url)
+
+    assert result["completed"]
+    phases = result["phases"]
+    assert set(phases) == {"floor", "full_sync", "no_change_resync", "changed_resync", "baseline"}
+    assert phases["floor"]["items"] == SMALL.images
+    assert phases["full_sync"]["totals"]["created"] == SMALL.images
+    assert phases["full_sync"]["rows_written"]["images"] == SMALL.images
+    assert phases["no_change_resync"]["rows_written"] == {t: 0 for t in TABLES}
+    assert phases["no_change_resync"]["totals"]["unchanged"] == SMALL.images
+    changed = phases["changed_resync"]
+    assert changed["rows_written"]["image_events"] == sum(changed["catalogue_changes"].values())
+    assert phases["baseline"]["rows_fetched"] > 0
+    assert all(p["peak_rss_mb"] > 0 for p in phases.values())
+
+    print_table(result)
+    assert "no_change_resync" in capsys.readouterr().out
+    path = write_results(result, tmp_path)
+    assert json.loads(path.read_text())["targets"]["no_change_rows_written"]["met"]
+    assert (tmp_path / "latest-small.json").exists()
