@@ -148,7 +148,8 @@ _CHECKS: tuple[_Check, ...] = (
     ),
     _Check(
         "run_liveness",
-        "runs are 'running' but no live process holds their liveness lock",
+        "runs are 'running' but no live process holds their liveness lock "
+        "(a crashed process; the next run marks them abandoned)",
         f"""
         SELECT 'run ' || r.run_id,
                format('started %s on %s pid %s', r.started_at, r.host, r.pid)
@@ -209,6 +210,9 @@ _CHECKS: tuple[_Check, ...] = (
 )
 
 CHECK_NAMES: tuple[str, ...] = tuple(c.name for c in _CHECKS)
+DATA_CHECKS: tuple[str, ...] = tuple(n for n in CHECK_NAMES if n != "run_liveness")
+"""The checks about the inventory's contents: they hold even right after a crash, before
+the next run has marked the crashed run abandoned."""
 
 
 async def check_invariants(engine: AsyncEngine, *, only: Sequence[str] = ()) -> list[str]:

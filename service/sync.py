@@ -159,8 +159,13 @@ async def sync_once(
         raise DatabaseError(f"cannot start a run: {describe_error(exc, str(engine.url))}") from None
     run_id: int | None = None
     try:
-        await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
-        run_id = await start_run(lock_conn, trigger=trigger)
+        try:
+            await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
+            run_id = await start_run(lock_conn, trigger=trigger)
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            raise DatabaseError(
+                f"cannot start a run: {describe_error(exc, str(engine.url))}"
+            ) from None
         log.info("run %d started: %d partitions", run_id, len(partitions))
         gate = asyncio.Semaphore(max(1, partition_concurrency))
         auth_failure: list[AuthError] = []
@@ -217,7 +222,14 @@ async def sync_once(
         reports = [r for r in reports if r.status not in _NOT_RECORDED]
         status = _run_status(reports, auth_failed=bool(auth_failure))
         totals = _totals(reports)
-        await finish_run(engine, run_id, status=status, totals=totals, error=error)
+        try:
+            await finish_run(engine, run_id, status=status, totals=totals, error=error)
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            # The database went away during the run: one clear line, not a driver error.
+            raise DatabaseError(
+                f"run {run_id} ended {status} but could not be recorded: "
+                f"{describe_error(exc, str(engine.url))}"
+            ) from None
         if metrics:
             metrics.run_duration.observe(seconds)
         log.info(

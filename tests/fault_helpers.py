@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.check import check_invariants
+from service.check import DATA_CHECKS, check_invariants
 
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
@@ -27,6 +27,17 @@ async def assert_invariants(engine: AsyncEngine) -> None:
     assert not problems, "invariants broken:\n" + "\n".join(problems)
 
 
+async def assert_after_crash(engine: AsyncEngine, crashed_runs: int | None = None) -> None:
+    """Right after a crash: every data invariant holds, and the liveness check names the
+    crashed run(s), if any, still ``running`` (the next run marks them abandoned)."""
+    problems = await check_invariants(engine, only=DATA_CHECKS)
+    assert not problems, "invariants broken:\n" + "\n".join(problems)
+    liveness = await check_invariants(engine, only=["run_liveness"])
+    if crashed_runs is not None:
+        expected = f": {crashed_runs} offender" if crashed_runs else None
+        assert (expected in liveness[0]) if expected else not liveness, liveness
+
+
 async def truncate(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(sa.text(f"TRUNCATE {INVENTORY_TABLES} RESTART IDENTITY CASCADE"))
@@ -36,7 +47,7 @@ async def history(engine: AsyncEngine) -> dict[str, Any]:
     """Images, disks and the per-image event sequences, comparable across runs."""
     async with engine.connect() as conn:
         images = {
-            (r["region_id"], r["image_id"]): r
+            (r["region_id"], r["image_id"]): dict(r)
             for r in (
                 await conn.execute(
                     sa.text("SELECT *, removed_at IS NOT NULL AS removed FROM inventory.images")
@@ -63,12 +74,8 @@ async def history(engine: AsyncEngine) -> dict[str, Any]:
     return {"images": images, "disks": disks, "events": events}
 
 
-def _dictify(h: dict[str, Any]) -> dict[str, Any]:
-    return {**h, "images": {k: dict(v) for k, v in h["images"].items()}}
-
-
 def assert_same_history(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    a, e = _dictify(actual), _dictify(expected)
+    a, e = actual, expected
     assert a["images"].keys() == e["images"].keys(), (
         f"images differ: missing {sorted(e['images'].keys() - a['images'].keys())[:5]}, "
         f"extra {sorted(a['images'].keys() - e['images'].keys())[:5]}"
