@@ -8,10 +8,14 @@ It owns no session: the caller builds one :class:`aiohttp.ClientSession` at star
   second (a strict window, not a leaky bucket: the API throttles per second).
 
 A request first waits for room in its region's window, then (still first in its
-region's queue) for a global slot; its start is stamped when it holds both, and only
-then is it signed and sent. So a request waiting for a global slot neither holds a
-slot while it waits for its region's rate, nor carries a stale ``x-jdcloud-date``,
-and the stamp is the moment the request leaves.
+region's queue) for a global slot, and only then is it signed and sent: a request
+waiting for its region's rate holds no global slot, and none carries a stale
+``x-jdcloud-date``. The window counts a request as pending from its admission until
+its response begins (or its attempt fails), and then stamps it at that moment: the
+latest time the gateway can have counted it. So the limit holds as the gateway
+measures it, whatever stalls our event loop, the network or the gateway's own queue
+put between admission and arrival; the price is that a slot of the window is held for
+one round trip longer than strictly needed.
 
 Transient failures (429 ``RATE_LIMIT``, 500/502/503/504, timeouts, broken connections,
 unreadable bodies) are retried with exponential backoff and full jitter, honouring
@@ -28,7 +32,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,10 +60,8 @@ BACKOFF_CAP = 20.0
 """Seconds: no single backoff waits longer (except a longer ``Retry-After``)."""
 RETRY_AFTER_CAP = 120.0
 """Seconds: a ``Retry-After`` longer than this is capped."""
-RATE_WINDOW_MARGIN = 0.05
-"""Seconds added to the rate window: the gateway counts arrivals, not our sends, and a
-few milliseconds of network or scheduling jitter must not move a request into the
-previous second's window."""
+RATE_WINDOW_MARGIN = 0.01
+"""Seconds added to the rate window: our clock and the gateway's tick differently."""
 TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
 """describeImages' documented ``pageSize`` range."""
@@ -85,32 +87,66 @@ class Page:
     request_id: str | None
 
 
+class _Admission:
+    """One admitted request's place in its region's window, stamped once."""
+
+    __slots__ = ("_done", "_window")
+
+    def __init__(self, window: _SlidingWindow) -> None:
+        self._window = window
+        self._done = False
+
+    def settle(self) -> None:
+        """The request reached the gateway (its response began) or never will."""
+        if not self._done:
+            self._done = True
+            self._window.stamp()
+
+
 @dataclass(slots=True)
 class _SlidingWindow:
-    """At most ``limit`` request starts in any ``period`` seconds, for one region."""
+    """At most ``limit`` requests reach the gateway in any ``period`` seconds, per region.
+
+    Admitted requests not yet answered count as pending; each is stamped when its
+    response begins, an upper bound of when the gateway saw it. Pending plus stamped
+    within the last ``period`` never exceeds ``limit``.
+    """
 
     limit: int
     period: float = 1.0
     _starts: deque[float] = field(default_factory=deque)
+    _pending: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _stamped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def admit(self, in_flight: asyncio.Semaphore) -> None:
-        """Wait for room in the window, then for a slot of ``in_flight``; stamp the start.
+    async def admit(self, in_flight: asyncio.Semaphore) -> _Admission:
+        """Wait for room in the window, then for a slot of ``in_flight``.
 
-        The caller owns the acquired ``in_flight`` slot and releases it. Requests of one
-        region pass one at a time (FIFO), so the window is checked and stamped at the
-        moment the request may leave, not before it queued for a global slot.
+        The caller owns the acquired ``in_flight`` slot and must ``settle()`` the result
+        when the response begins or the attempt ends. Requests of one region are
+        admitted one at a time (FIFO).
         """
         async with self._lock:
             while True:
                 now = time.monotonic()
                 while self._starts and now - self._starts[0] >= self.period:
                     self._starts.popleft()
-                if len(self._starts) < self.limit:
+                if len(self._starts) + self._pending < self.limit:
                     break
-                await asyncio.sleep(self._starts[0] + self.period - now)
+                # Full: wait for the oldest stamp to age out, or for a pending request
+                # to be answered (its stamp then ages out in turn).
+                timeout = self._starts[0] + self.period - now if self._starts else None
+                self._stamped.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._stamped.wait(), timeout)
             await in_flight.acquire()
-            self._starts.append(time.monotonic())
+            self._pending += 1
+        return _Admission(self)
+
+    def stamp(self) -> None:
+        self._pending -= 1
+        self._starts.append(time.monotonic())
+        self._stamped.set()
 
 
 def open_session(
@@ -282,16 +318,20 @@ class ImagesClient:
         return window
 
     @asynccontextmanager
-    async def _slot(self, region: str) -> AsyncIterator[None]:
-        """Hold a global in-flight slot, admitted by the region's rate window."""
+    async def _slot(self, region: str) -> AsyncIterator[_Admission | None]:
+        """Hold a global in-flight slot, admitted by the region's rate window; yields the
+        admission to settle when the response begins (None without a rate limit)."""
         window = self._window(region)
         if window is None:
             await self._in_flight.acquire()
+            admission = None
         else:
-            await window.admit(self._in_flight)
+            admission = await window.admit(self._in_flight)
         try:
-            yield
+            yield admission
         finally:
+            if admission is not None:
+                admission.settle()  # no-op once the response began
             self._in_flight.release()
 
     async def _get(self, region: str, query: str, stats: RequestStats) -> bytes:
@@ -316,13 +356,15 @@ class ImagesClient:
 
     async def _attempt(self, region: str, query: str, stats: RequestStats) -> bytes:
         url = URL(self._url(region, query), encoded=True)
-        async with self._slot(region):
+        async with self._slot(region) as admission:
             # Signed only now, when the request leaves: however long it queued for the
             # rate window or a global slot, x-jdcloud-date is within the gateway's skew.
             headers = self._signed_headers(region, query)
             stats.requests += 1
             try:
                 async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                    if admission is not None:
+                        admission.settle()
                     body = await resp.read()
                     status = resp.status
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
