@@ -122,6 +122,9 @@ class _Staged:
     invalid: int = 0
     invalid_without_id: int = 0
     keep_ids: set[str] = field(default_factory=set)
+    # (listing, imageId or "#n" for the n-th idless item): each bad item counted and
+    # logged once, however many passes re-read its listing.
+    invalid_seen: set[tuple[int, str]] = field(default_factory=set)
     outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
 
 
@@ -488,12 +491,20 @@ class _ListingPass:
             try:
                 row = normalize_image(item, region_id=listing.region, image_source=listing.source)
             except InvalidItem as exc:
-                staged.invalid += 1
                 if exc.image_id:
+                    if exc.image_id in self.ids:
+                        continue  # seen on an earlier page of this pass
                     staged.keep_ids.add(exc.image_id)
                     self.ids.add(exc.image_id)
+                    key = (listing.index, exc.image_id)
                 else:
                     self.idless += 1
+                    key = (listing.index, f"#{self.idless}")
+                if key in staged.invalid_seen:
+                    continue  # counted in an earlier pass over this listing
+                staged.invalid_seen.add(key)
+                staged.invalid += 1
+                if not exc.image_id:
                     staged.invalid_without_id += 1
                 if staged.invalid <= MAX_REPORTED_INVALID:
                     log.warning("partition %s: invalid item skipped: %s", listing, exc)

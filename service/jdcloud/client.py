@@ -256,8 +256,7 @@ class ImagesClient:
             params.append(("ids", list(ids)))
         params.append(("pageNumber", page_number))
         params.append(("pageSize", page_size))
-        body = await self._get(region, encode_query(params), stats or RequestStats())
-        return _parse_page(body, region)
+        return await self._get(region, encode_query(params), stats or RequestStats())
 
     async def lookup_ids(
         self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
@@ -334,7 +333,7 @@ class ImagesClient:
                 admission.settle()  # no-op once the response began
             self._in_flight.release()
 
-    async def _get(self, region: str, query: str, stats: RequestStats) -> bytes:
+    async def _get(self, region: str, query: str, stats: RequestStats) -> Page:
         attempt = 0
         while True:
             attempt += 1
@@ -354,7 +353,7 @@ class ImagesClient:
                     delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, region: str, query: str, stats: RequestStats) -> bytes:
+    async def _attempt(self, region: str, query: str, stats: RequestStats) -> Page:
         url = URL(self._url(region, query), encoded=True)
         async with self._slot(region) as admission:
             # Signed only now, when the request leaves: however long it queued for the
@@ -384,7 +383,9 @@ class ImagesClient:
                 ) from None
         self._count(region, str(status))
         if status == 200:
-            return body
+            # Parsed inside the retry loop: a 200 that is HTML, truncated or an error
+            # object (MalformedResponse, transient) is retried like any other.
+            return _parse_page(body, region)
         raise self._error(status, body, region, retry_after, request_id, stats)
 
     def _signed_headers(self, region: str, query: str) -> dict[str, str]:
