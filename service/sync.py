@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,6 +37,7 @@ from service.store.runs import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_LISTING_PASSES = 3
 """How many times a drifting listing is read before the partition is incomplete."""
@@ -341,7 +342,7 @@ async def _sync_partition(
             else:
                 await writer.open()
                 stage_lock = asyncio.Lock()
-                settled = await asyncio.gather(
+                settled = await _gather_or_cancel(
                     *(
                         _list_until_settled(
                             client,
@@ -422,6 +423,19 @@ async def _sync_partition(
     if report.status in ("failed", "skipped_locked"):
         await _record_outside(engine, report, run_id, started_at)
     return report
+
+
+async def _gather_or_cancel(*aws: Coroutine[Any, Any, _T]) -> list[_T]:
+    """``asyncio.gather``, except that when one fails the others are cancelled and awaited
+    before the error propagates: a listing must never outlive its partition's
+    transaction (it would keep staging through a connection back in the pool)."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _record_outside(
