@@ -116,3 +116,22 @@ def test_a_wrong_secret_gets_401(sim: Simulator) -> None:
     assert response.error.code == 401
     assert response.error.status == "UNAUTHENTICATED"
     assert "not-the-secret" not in response.error.message
+
+
+def test_the_sdk_pages_an_ids_lookup(sim: Simulator) -> None:
+    """120 ids (of every source, plus unknown ones) over two pages, as the SDK sends them."""
+    region = "cn-east-2"
+    known = [
+        image["imageId"]
+        for source in ("public", "thirdparty", "private", "shared", "community")
+        for image in sim.catalogue.images(region, source)
+    ][:120]
+    assert len(known) == 120
+    wanted = [*known, "img-notthere01", "img-notthere02"]
+    found: list[str] = []
+    for page in (1, 2):
+        response = describe(sim, region=region, ids=wanted, pageNumber=page, pageSize=100)
+        assert response.error is None
+        assert response.result["totalCount"] == 120
+        found.extend(image["imageId"] for image in response.result["images"])
+    assert len(found) == 120 and set(found) == set(known)
