@@ -4,8 +4,9 @@ It owns no session: the caller builds one :class:`aiohttp.ClientSession` at star
 (see :func:`open_session`) and hands it over. Two limits hold every request:
 
 * a global semaphore: at most ``concurrency`` requests in flight, all regions together;
-* a per-region sliding window: at most ``rate_limit`` requests started in any one
-  second (a strict window, not a leaky bucket: the API throttles per second).
+* a per-region sliding window: at most ``rate_limit`` requests (its integer part;
+  one per ``1/rate_limit`` s below 1/s) reach the gateway in any one second (a strict
+  window, not a leaky bucket: the API throttles per second).
 
 A request first waits for room in its region's window, then (still first in its
 region's queue) for a global slot, and only then is it signed and sent: a request
