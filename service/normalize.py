@@ -198,6 +198,115 @@ def normalize_image(item: Any, *, region_id: str, image_source: str) -> ImageRow
 
     Raises :class:`InvalidItem` when the item cannot be trusted.
     """
+    row = _normalize_plain(item, region_id, image_source)
+    if row is not None:
+        return row
+    return _normalize_careful(item, region_id=region_id, image_source=image_source)
+
+
+_PLAIN_TEXT_KEYS = (
+    "name", "platform", "osVersion", "architecture", "osType", "status", "desc", "ownerPin",
+    "launchPermission", "rootDeviceType", "snapshotId", "bootMode", "createTime",
+)  # fmt: skip
+_INT_MAX = 2_147_483_647
+
+
+def _plain_int(value: Any) -> bool:
+    return value is None or (value.__class__ is int and 0 <= value <= _INT_MAX)
+
+
+def _plain_disk(attachment: Any, position: int) -> DiskRow | None:
+    """:func:`_disk` for an attachment whose every field already has its exact type."""
+    if attachment.__class__ is not dict:
+        return None
+    get = attachment.get
+    cloud, local = get("cloudDisk"), get("localDisk")
+    if cloud is None:
+        cloud = {}
+    elif cloud.__class__ is not dict:
+        return None
+    if local is None:
+        local = {}
+    elif local.__class__ is not dict:
+        return None
+    device_name, category, auto_delete = get("deviceName"), get("diskCategory"), get("autoDelete")
+    c_type, c_size, c_iops = cloud.get("diskType"), cloud.get("diskSizeGB"), cloud.get("iops")
+    c_snapshot, c_encrypted = cloud.get("snapshotId"), cloud.get("encrypted")
+    l_type, l_size = local.get("diskType"), local.get("diskSizeGB")
+    for text in (device_name, category, c_type, c_snapshot, l_type):
+        if text is not None and text.__class__ is not str:
+            return None
+    for flag in (auto_delete, c_encrypted):
+        if flag is not None and flag is not True and flag is not False:
+            return None
+    if not (_plain_int(c_size) and _plain_int(c_iops) and _plain_int(l_size)):
+        return None
+    return DiskRow(
+        position, "system" if position == 0 else "data", device_name, category, auto_delete,
+        c_type, c_size, c_iops, c_snapshot, c_encrypted, l_type, l_size,
+    )  # fmt: skip
+
+
+def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow | None:
+    """The common case, fast: every field already has its exact type and range.
+
+    Returns None whenever anything needs coercion or could be invalid; the caller then
+    takes :func:`_normalize_careful`, which decides (and explains) those cases. For an
+    item it accepts, the row is equal to what the careful path builds.
+    """
+    if item.__class__ is not dict:
+        return None
+    get = item.get
+    image_id = get("imageId")
+    if image_id.__class__ is not str or not 0 < len(image_id) <= 128 or not image_id.strip():
+        return None
+    texts = [get(key) for key in _PLAIN_TEXT_KEYS]
+    for text in texts:
+        if text is not None and text.__class__ is not str:
+            return None
+    system_disk_size, size_mb, progress = get("systemDiskSizeGB"), get("sizeMB"), get("progress")
+    if progress.__class__ is str and progress.isascii() and progress.isdigit():
+        progress = int(progress)  # describeImages sends progress as a string: "100"
+    if not (_plain_int(system_disk_size) and _plain_int(size_mb) and _plain_int(progress)):
+        return None
+    offline = get("offline")
+    if offline is not None and offline is not True and offline is not False:
+        return None
+    if texts[11] is None and "uefiSupport" in item:
+        return None  # bootMode from uefiSupport: the careful path
+    raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    if len(raw) > MAX_ITEM_BYTES or b"\\u0000" in raw:
+        return None
+    disks: list[DiskRow] = []
+    system, data = get("systemDisk"), get("dataDisks")
+    if system is not None:
+        disk = _plain_disk(system, 0)
+        if disk is None:
+            return None
+        disks.append(disk)
+    if data is not None:
+        if data.__class__ is not list:
+            return None
+        for position, attachment in enumerate(data, start=1):
+            disk = _plain_disk(attachment, position)
+            if disk is None:
+                return None
+            disks.append(disk)
+    (name, platform, os_version, architecture, os_type, status, description, owner_pin,
+     launch_permission, root_device_type, snapshot_id, boot_mode, create_time) = texts  # fmt: skip
+    digest = hashlib.blake2b(raw, digest_size=16)
+    digest.update(image_source.encode())
+    return ImageRow(
+        region_id, image_id, image_source, name, platform, os_version, architecture, os_type,
+        status, description, owner_pin, launch_permission, root_device_type, snapshot_id,
+        boot_mode, system_disk_size, size_mb, progress,
+        parse_create_time(create_time, image_id) if create_time else None,
+        offline, raw.decode(), digest.digest(), tuple(disks),
+    )  # fmt: skip
+
+
+def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> ImageRow:
+    """Every check and coercion, with the reason of a rejection."""
     if not isinstance(item, dict):
         raise InvalidItem(f"an image should be an object, got {type(item).__name__}")
     image_id = item.get("imageId")

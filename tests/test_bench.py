@@ -35,3 +35,21 @@ def test_small_benchmark_runs_end_to_end(
     path = write_results(result, tmp_path)
     assert json.loads(path.read_text())["targets"]["no_change_rows_written"]["met"]
     assert (tmp_path / "latest-small.json").exists()
+
+
+def test_fast_normalisation_builds_the_rows_the_careful_path_builds() -> None:
+    """The speed-up of normalize_image must not change a single row."""
+    from service.normalize import _normalize_careful, _normalize_plain
+    from service.simulator.catalogue import Catalogue
+
+    catalogue = Catalogue(seed=11, images=3000)
+    checked = 0
+    for region, source in catalogue.partitions():
+        for item in catalogue.images(region, source):
+            fast = _normalize_plain(item, region, source)
+            assert fast is not None, item
+            assert fast == _normalize_careful(item, region_id=region, image_source=source)
+            checked += 1
+    assert checked == 3000
+    odd = {"imageId": "img-odd", "progress": 7.0, "sizeMB": "12", "offline": "true"}
+    assert _normalize_plain(odd, "cn-north-1", "public") is None  # coercions: careful path

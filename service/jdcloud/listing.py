@@ -46,6 +46,11 @@ class ListingOutcome:
         return self.totals_seen == {self.total_count} and unique == self.total_count
 
 
+MAX_PAGES_AHEAD = 128
+"""Pages of one listing requested or received but not yet consumed by its sink: enough
+to keep every request slot busy while the sink is slower than the API, few enough
+(about 40 MB of decoded 100-image pages) to bound memory."""
+
 PageSink = Callable[[list[Any]], Awaitable[None]]
 """Receives each page's items, one call at a time, in completion order."""
 
@@ -88,18 +93,37 @@ async def list_pages(
     if pages == 1:
         return outcome
 
-    tasks = [asyncio.ensure_future(fetch(n)) for n in range(2, pages + 1)]
+    # Every page is queued for the client at once (its limits pace them, first queued
+    # first served), at most MAX_PAGES_AHEAD of them not yet consumed; a page is dropped
+    # as soon as ``on_page`` returns. So memory is bounded by the window, not the listing.
+    ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
+
+    async def fetch_ahead(number: int) -> Page:
+        await ahead.acquire()  # released when the page has been consumed
+        return await fetch(number)
+
+    arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
+    pending: set[asyncio.Task[Page]] = set()
+    for number in range(2, pages + 1):
+        task = asyncio.ensure_future(fetch_ahead(number))
+        task.add_done_callback(arrived.put_nowait)
+        pending.add(task)
     try:
-        for next_done in asyncio.as_completed(tasks):
-            page = await next_done
+        while pending:
+            task = await arrived.get()
+            pending.discard(task)
+            page = task.result()
+            del task
             outcome.pages += 1
             stats.pages += 1
             outcome.totals_seen.add(page.total_count)
             await on_page(page.images)
+            del page
+            ahead.release()
             if on_progress:
                 on_progress(outcome.pages, pages)
     finally:
-        for task in tasks:
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
     return outcome
