@@ -8,13 +8,20 @@ Coordination between replicas lives in PostgreSQL only:
 
 - Ticks are aligned to multiples of the tick interval since the Unix epoch, so the
   replicas of one deployment tick together (within the jitter and their clock skew).
-- A partition is *due* when its last success is older than its source's interval
-  minus half a tick (:meth:`Daemon.due_partitions`, read from ``sync_partitions``).
-- :func:`~service.sync.sync_once` takes each partition's advisory lock and checks the
-  freshness again under it (``fresh_within``), so of N replicas ticking together one
-  syncs each due partition and the others skip it (``skipped_locked`` while it is held,
-  silently once it is done). A replica that dies loses its locks with its connections;
-  the partition is due again on the next tick of any replica.
+- A scheduled tick belongs to the boundary ``B`` it follows. A source's interval is
+  rounded up to a whole number ``n`` of ticks; in the tick of ``B`` a partition is
+  *due* unless a success of it finished after ``B - (n - 1) * tick``
+  (:meth:`Daemon.due_after`): with ``n = 1``, unless it was synced in this very tick.
+  A sync of the previous tick that takes almost a whole tick still leaves it due.
+- The start-up tick is not aligned: there a partition is due when its last success is
+  older than its interval, so restarting a replica does not resync fresh partitions.
+- :func:`~service.sync.sync_once` takes each partition's advisory lock and checks that
+  again under it (``fresh_within``), so of N replicas ticking together one syncs each
+  due partition and the others skip it (``skipped_locked`` while it is held, silently
+  once it is done), however long the sync takes within the tick. A replica that dies
+  loses its locks with its connections; the partition is due again on the next tick of
+  any replica. The replicas' clocks must agree (NTP) to well under the time a
+  partition takes to sync, or a partition may occasionally be synced twice in a tick.
 
 Lifecycle: SIGTERM/SIGINT stop the scheduler and tell the run in hand to start no
 more partitions; the partitions in hand get ``grace_period`` seconds to finish, then
@@ -56,13 +63,9 @@ JITTER_FRACTION = 0.1
 """Jitter added to each tick, as a fraction of the tick interval ..."""
 MAX_JITTER = 30.0
 """... and at most this many seconds."""
-DUE_SLACK_FRACTION = 0.5
-"""A partition is due this fraction of a tick before its interval has passed: ticks of
-the replicas land within the jitter of a tick boundary, not exactly on it."""
-
 LAST_SUCCESS_SQL = """
 SELECT region_id, image_source,
-       extract(epoch FROM clock_timestamp() - max(finished_at))::double precision AS age_seconds
+       extract(epoch FROM max(finished_at))::double precision AS last_success
   FROM inventory.sync_partitions
  WHERE status = 'succeeded'
  GROUP BY region_id, image_source
@@ -92,37 +95,52 @@ class Daemon:
         self._draining = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._ticks = 0
 
     # -- scheduling -------------------------------------------------------------------
 
     def interval_for(self, partition: Partition) -> float:
         return self.settings.interval_for(partition.source)
 
-    def fresh_within(self, partition: Partition) -> float:
-        """Seconds within which a success makes ``partition`` not due."""
-        return self.interval_for(partition) - self.tick_interval * DUE_SLACK_FRACTION
+    def ticks_per_sync(self, partition: Partition) -> int:
+        """The partition's interval in ticks, rounded up: never synced more often."""
+        return max(1, math.ceil(self.interval_for(partition) / self.tick_interval - 1e-9))
 
-    async def due_partitions(self) -> list[Partition]:
-        """The configured partitions whose last success is older than ``fresh_within``."""
+    def due_after(self, partition: Partition, now: float, *, aligned: bool = True) -> float:
+        """Unix time: in a tick at ``now``, a success of ``partition`` that finished after
+        this makes it not due. ``aligned=False`` for the start-up tick."""
+        if not aligned:
+            return now - self.interval_for(partition)
+        boundary = math.floor(now / self.tick_interval) * self.tick_interval
+        return boundary - (self.ticks_per_sync(partition) - 1) * self.tick_interval
+
+    async def due_partitions(self, cutoffs: dict[Partition, float]) -> list[Partition]:
+        """The configured partitions whose last success finished before their cutoff."""
         async with self.runtime.database.engine.connect() as conn:
             rows = (await conn.execute(sa.text(LAST_SUCCESS_SQL))).all()
-        ages = {(r.region_id, r.image_source): r.age_seconds for r in rows}
+        last = {(r.region_id, r.image_source): r.last_success for r in rows}
         return [
             p
             for p in self.partitions
-            if (age := ages.get((p.region, p.source))) is None or age >= self.fresh_within(p)
+            if (at := last.get((p.region, p.source))) is None or at <= cutoffs[p]
         ]
 
-    async def tick(self) -> SyncReport | None:
-        """One scheduled tick: sync the due partitions. Never raises for expected failures
-        (the next tick retries); returns the run's report, or None when nothing ran."""
+    async def tick(self, *, aligned: bool = True) -> SyncReport | None:
+        """One tick: sync the due partitions. Never raises for expected failures (the
+        next tick retries); returns the run's report, or None when nothing ran."""
         if self._stop.is_set():
             return None
         engine = self.runtime.database.engine
+        now = time.time()
+        cutoffs = {p: self.due_after(p, now, aligned=aligned) for p in self.partitions}
+
+        def fresh_within(partition: Partition) -> float:
+            return time.time() - cutoffs[partition]
+
         try:
             await migrate.ensure_current(engine)
             self.schema_ok = True
-            due = await self.due_partitions()
+            due = await self.due_partitions(cutoffs)
         except SchemaNotCurrent as exc:
             if self.schema_ok:
                 log.error("tick: syncs paused: %s", exc)
@@ -145,7 +163,7 @@ class Daemon:
                 page_size=self.settings.page_size,
                 trigger="schedule",
                 metrics=self.runtime.metrics,
-                fresh_within=self.fresh_within,
+                fresh_within=fresh_within,
                 stop=self._draining,
             )
         except AuthError as exc:
@@ -160,8 +178,9 @@ class Daemon:
     async def _scheduled_tick(self) -> None:
         """The scheduler's job: a tick, tracked so that shutdown can wait for it."""
         self._tick_task = asyncio.current_task()
+        self._ticks += 1
         try:
-            await self.tick()
+            await self.tick(aligned=self._ticks > 1)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug; the daemon keeps ticking and says so
