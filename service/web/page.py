@@ -21,6 +21,14 @@ from service.web.data import PageData
 REFRESH_SECONDS = 60
 """The page reloads itself this often (a meta refresh: no script)."""
 
+SHORT_SOURCE = {
+    "public": "pub",
+    "thirdparty": "3rd",
+    "private": "priv",
+    "shared": "shr",
+    "community": "com",
+}
+"""Column heads of the health grid on a phone's width."""
 SOURCE_CSS = {
     "public": "s1",
     "thirdparty": "s2",
@@ -79,6 +87,10 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 vertical-align:-1px}
 .errors{margin:8px 0 0;padding-left:18px;font-size:13px}
 .errors li{margin:2px 0;overflow-wrap:anywhere}
+.short{display:none}
+@media (max-width:600px){main{padding:8px;gap:8px}section{padding:10px}
+th,td{padding:4px 3px}.cell{padding:3px 2px}.cell small{display:none}
+.long{display:none}.short{display:inline}}
 .banner{grid-column:1/-1;background:var(--bad);color:#fff;border-radius:10px;padding:10px 14px}
 footer{max-width:1200px;margin:0 auto;padding:4px 16px 20px;color:var(--muted);font-size:12px}
 svg.chart{width:100%;height:auto;display:block}
@@ -115,6 +127,15 @@ def _legend(items: Iterable[tuple[str, str]]) -> str:
     )
 
 
+def _source_head(source: str, css: str = "") -> str:
+    """A source's column head: the full name, or a short one on a phone's width."""
+    return (
+        f'<th{f" class={css}" if css else ""} title="{escape(source)}">'
+        f'<span class="long">{escape(source)}</span>'
+        f'<span class="short">{escape(SHORT_SOURCE.get(source, source))}</span></th>'
+    )
+
+
 def partition_class(row: Any, interval: float) -> str:
     """ok / warn / bad / never for one sync_health row, given the source's interval."""
     if row is None or row.last_success_at is None:
@@ -129,7 +150,7 @@ def partition_class(row: Any, interval: float) -> str:
 
 def _health(data: PageData, settings: Settings) -> str:
     rows = {(r.region_id, r.image_source): r for r in data.health}
-    head = "".join(f"<th>{escape(s)}</th>" for s in settings.sources)
+    head = "".join(_source_head(s) for s in settings.sources)
     body = []
     for region in settings.regions:
         cells = []
@@ -224,7 +245,7 @@ def _images(data: PageData, settings: Settings) -> str:
         rows.append(f"<tr><th>{escape(region)}</th>{cells}</tr>")
     table = (
         '<div class="scroll"><table><tr><th>region</th>'
-        + "".join(f'<th class="n">{escape(s)}</th>' for s in sources)
+        + "".join(_source_head(s, "n") for s in sources)
         + f"</tr>{''.join(rows)}</table></div>"
     )
     return (
@@ -258,7 +279,7 @@ def _transitions(data: PageData) -> str:
         first_label=_short_time(buckets[0].start, with_date) if buckets else "",
         last_label=_short_time(buckets[-1].start, with_date) if buckets else "",
     )
-    width = age_text(t.bucket_seconds)
+    width = _bucket_text(t.bucket_seconds)
     total_off = sum(b.went_offline for b in buckets)
     total_on = sum(b.came_online for b in buckets)
     return (
@@ -272,6 +293,14 @@ def _transitions(data: PageData) -> str:
         + chart
         + f'<p class="muted">one column per {escape(width)}</p></section>'
     )
+
+
+def _bucket_text(seconds: int) -> str:
+    for unit, name in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds % unit == 0:
+            n = seconds // unit
+            return name if n == 1 else f"{n} {name}s"
+    return f"{seconds} seconds"
 
 
 def _durations(data: PageData) -> str:

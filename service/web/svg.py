@@ -14,7 +14,7 @@ from html import escape
 
 WIDTH = 420
 """viewBox width of every chart; heights depend on the data."""
-_FONT = 11
+_FONT = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ def horizontal_bars(title: str, bars: Sequence[Bar]) -> str:
     """One stacked horizontal bar per item, labelled on the left, total on the right."""
     if not bars or not any(b.total for b in bars):
         return empty_chart(title, "nothing to show yet")
-    label_w, total_w, row_h, gap, top = 86.0, 44.0, 18.0, 8.0, 6.0
+    label_w, total_w, row_h, gap, top = 96.0, 48.0, 20.0, 8.0, 6.0
     plot_w = WIDTH - label_w - total_w
     scale = plot_w / max(b.total for b in bars)
     body: list[str] = []
@@ -130,7 +130,7 @@ def column_chart(
     """Vertical (stacked) columns, oldest left; x labels only at both ends."""
     if not columns or not any(c.total for c in columns):
         return empty_chart(title, "nothing to show yet")
-    left, right, top, bottom, height = 40.0, WIDTH - 6.0, 8.0, 130.0, 150.0
+    left, right, top, bottom, height = 46.0, WIDTH - 6.0, 8.0, 130.0, 152.0
     y_max = nice_max(max(c.total for c in columns))
     step = (right - left) / len(columns)
     width = max(step * 0.75, 1.0)
@@ -171,7 +171,7 @@ def diverging_chart(
     """Columns above the axis for ``up`` and below it for ``down``, oldest left."""
     if not up or not (any(up) or any(down)):
         return empty_chart(title, "no transitions in the last 7 days")
-    left, right, top, bottom, height = 40.0, WIDTH - 6.0, 8.0, 160.0, 180.0
+    left, right, top, bottom, height = 46.0, WIDTH - 6.0, 8.0, 160.0, 182.0
     mid = (top + bottom) / 2
     y_max = nice_max(max(*up, *down))
     half = mid - top
