@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             # The demo brings its own simulator and throwaway embedded database.
             overrides = {"endpoint": "http://127.0.0.1:1", "database_url": ""}
-        settings = load_settings(os.environ, args.config, **overrides)
+        needs_api = args.command in ("sync", "run", "demo")
+        settings = load_settings(os.environ, args.config, needs_api=needs_api, **overrides)
         if args.command == "sync":
             _check_regions(args.region)
     except ConfigError as exc:

@@ -261,11 +261,17 @@ def redact_url(url: str) -> str:
 
 
 def load_settings(
-    environ: Mapping[str, str], config_file: Path | str | None = None, **overrides: Any
+    environ: Mapping[str, str],
+    config_file: Path | str | None = None,
+    *,
+    needs_api: bool = True,
+    **overrides: Any,
 ) -> Settings:
     """Validate settings from a TOML file (optional), the environment and ``overrides``.
 
-    Raises :class:`ConfigError` naming the first bad variable.
+    ``needs_api=False`` is for commands that only use the database (migrate, status,
+    check, schema-doc): they do not require API credentials. Raises
+    :class:`ConfigError` naming the first bad variable.
     """
     raw: dict[str, Any] = {}
     if config_file is not None:
@@ -285,7 +291,13 @@ def load_settings(
         ):
             message = f"{message} (got {value!r})"
         raise ConfigError(variable, message) from None
-    if not settings.is_local_endpoint:
+    if bool(settings.access_key) != (settings.secret_key is not None):
+        # Half a key pair is a mistake on any endpoint (the simulator's demo pair
+        # would otherwise be used silently).
+        missing = "JDCLOUD_SECRET_KEY" if settings.access_key else "JDCLOUD_ACCESS_KEY"
+        other = "JDCLOUD_ACCESS_KEY" if settings.access_key else "JDCLOUD_SECRET_KEY"
+        raise ConfigError(missing, f"required when {other} is set")
+    if needs_api and not settings.is_local_endpoint:
         if not settings.access_key:
             raise ConfigError(
                 "JDCLOUD_ACCESS_KEY", f"required for the endpoint {settings.endpoint}"

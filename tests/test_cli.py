@@ -152,3 +152,24 @@ def test_second_process_reuses_the_embedded_server(tmp_path: Path) -> None:
     while postmaster.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not postmaster.exists(), "the last process should have stopped the embedded server"
+
+
+def test_database_commands_need_no_api_credentials(cli_env: dict[str, str]) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "JDCLOUD_ENDPOINT"}  # the real https default
+    assert run(["migrate"], env).returncode == 0
+    status = run(["status"], env)
+    assert status.returncode == 0, status.stderr
+    # ...while a sync against the real endpoint does, and says which variable is missing.
+    sync = run(["sync", "--once"], env)
+    assert sync.returncode == 2
+    assert sync.stderr.strip() == (
+        "image-sync: configuration error: JDCLOUD_ACCESS_KEY: "
+        "required for the endpoint https://vm.jdcloud-api.com"
+    )
+
+
+def test_half_a_key_pair_is_an_error_even_for_the_simulator(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "JDCLOUD_ENDPOINT": "http://127.0.0.1:9", "JDCLOUD_ACCESS_KEY": "AKID"}
+    result = run(["sync", "--once"], env)
+    assert result.returncode == 2
+    assert "JDCLOUD_SECRET_KEY: required when JDCLOUD_ACCESS_KEY is set" in result.stderr
