@@ -149,7 +149,9 @@ def main(argv: list[str]) -> int:
         result = run_baseline(config)
     else:
         raise SystemExit(f"unknown phase {phase!r}")
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the whole process, start-up too
     print(json.dumps(result))
     return 0
 
