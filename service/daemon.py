@@ -40,7 +40,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
@@ -56,6 +55,8 @@ from service.store import migrate
 from service.store.engine import describe_error
 from service.store.runs import mark_abandoned
 from service.sync import Partition, SyncReport, sync_once
+
+__all__ = ["Daemon", "DaemonState", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,3 @@ async def _mark_abandoned(runtime: Runtime) -> int:
         raise DatabaseError(
             f"cannot check for abandoned runs: {describe_error(exc, str(engine.url))}"
         ) from None
-
-
-__all__: Sequence[str] = ("Daemon", "DaemonState", "run_daemon")

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.simulator.server import Simulator, running_simulator
+from service.store.runs import mark_abandoned
 
 IMAGE_SYNC = str(Path(sys.executable).with_name("image-sync"))
 PARTITIONS = 20  # the simulator's and the service's defaults: 4 regions x 5 sources
@@ -122,22 +123,38 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
     engine: AsyncEngine, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     interval = 2.5
+    regions = ["cn-north-1", "cn-east-1"]  # 10 partitions: a tick's work stays well under a tick
+    count = len(regions) * 5
     began = time.monotonic()
     async with (
-        running_simulator(seed=5, images=300) as simulator,
+        running_simulator(seed=5, images=150, regions=regions) as simulator,
         replicas(
-            3, daemon_env(cli_env, simulator, IMAGE_SYNC_INTERVAL=str(interval)), tmp_path
+            3,
+            daemon_env(
+                cli_env,
+                simulator,
+                IMAGE_SYNC_INTERVAL=str(interval),
+                IMAGE_SYNC_REGIONS=",".join(regions),
+            ),
+            tmp_path,
         ) as daemons,
     ):
+        # Every replica has had its start-up tick, and no start-up run is still going.
         await wait_for(
-            lambda: asyncio.sleep(0, all("daemon started" in d.output() for d in daemons)),
+            lambda: asyncio.sleep(0, all("tick: " in d.output() for d in daemons)),
             15,
             "three daemons to start",
         )
+        await wait_for(
+            lambda: scalar(
+                engine, "SELECT count(*) = 0 FROM inventory.sync_runs WHERE status = 'running'"
+            ),
+            15,
+            "the start-up runs to finish",
+        )
         print(f"\nthree daemons up in {time.monotonic() - began:.1f}s")
-        # Ticks are aligned on multiples of the interval. Count from the second boundary
-        # after the last start: the first may follow a start-up run by a moment.
-        first = math.floor(time.time() / interval) + 2
+        # Ticks are aligned on multiples of the interval; count from the next boundary.
+        first = math.floor(time.time() / interval) + 1
         windows = range(first, first + 3)
         await asyncio.sleep(windows.stop * interval + 0.5 - time.time())  # all recorded by then
         counts = await rows(
@@ -151,10 +168,10 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         )
         per_window = {(r.region_id, r.image_source, r.window): r.n for r in counts}
         partitions = {(r.region_id, r.image_source) for r in counts}
-        assert len(partitions) == PARTITIONS
+        assert len(partitions) == count
         for window in windows:
             synced = [per_window.get((*p, window), 0) for p in sorted(partitions)]
-            if synced != [1] * PARTITIONS:
+            if synced != [1] * count:
                 detail = await rows(
                     engine,
                     """SELECT p.region_id, p.image_source, r.pid, p.status,
@@ -164,7 +181,7 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
                         ORDER BY p.started_at""",
                 )
                 print("\n".join(map(str, detail)))
-            assert synced == [1] * PARTITIONS, f"window {window}: {synced}"
+            assert synced == [1] * count, f"window {window}: {synced}"
         workers = await scalar(
             engine,
             """SELECT count(DISTINCT r.pid) FROM inventory.sync_runs r
@@ -181,8 +198,8 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         for image_id in offline:
             catalogue.take_offline("cn-north-1", image_id)
         added = catalogue.add("cn-east-1", "private")["imageId"]
-        deleted = catalogue.random_image_id("cn-south-1", "community", rng)
-        catalogue.delete("cn-south-1", deleted)
+        deleted = catalogue.random_image_id("cn-east-1", "community", rng)
+        catalogue.delete("cn-east-1", deleted)
         simulator.faults.update({"latency_ms": 300})
         pids = [d.pid for d in daemons]
         victim_pid = await wait_for(
@@ -212,7 +229,7 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
                 """SELECT count(DISTINCT (region_id, image_source)) = :n
                      FROM inventory.sync_partitions
                     WHERE status = 'succeeded' AND started_at > to_timestamp(:t)""",
-                n=PARTITIONS,
+                n=count,
                 t=killed_at,
             ),
             3 * interval,
@@ -258,6 +275,30 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         await scalar(engine, "SELECT count(*) FROM inventory.sync_runs WHERE status = 'running'")
         == 0
     )
+
+
+async def test_a_second_signal_exits_at_once(
+    engine: AsyncEngine, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with (
+        running_simulator(seed=9, images=200, faults={"latency_ms": 5000}) as simulator,
+        replicas(1, daemon_env(cli_env, simulator, IMAGE_SYNC_INTERVAL="600"), tmp_path) as (
+            daemon,
+        ),
+    ):
+        await wait_for(
+            lambda: scalar(engine, "SELECT count(*) FROM inventory.sync_runs"),
+            15,
+            "the first run to start",
+        )
+        daemon.process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: asyncio.sleep(0, "waiting up to" in daemon.output()), 5, "the drain")
+        daemon.process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(daemon.process.wait(), 2)
+    assert code == 128 + signal.SIGINT
+    assert "second SIGINT: exiting at once" in daemon.output()
+    # Its run stays 'running' until the next process sees its liveness lock gone.
+    assert await mark_abandoned(engine) == 1
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
+from service.errors import ConfigError
 from service.metrics import Metrics
 from service.store import migrate
 from service.store.engine import describe_error
@@ -208,8 +209,6 @@ async def serve_status(context: StatusContext, host: str, port: int) -> AsyncIte
         try:
             await site.start()
         except OSError as exc:
-            from service.errors import ConfigError
-
             raise ConfigError("IMAGE_SYNC_HTTP", f"cannot listen on {host}:{port}: {exc}") from None
         bound_host, bound_port = runner.addresses[0][:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
