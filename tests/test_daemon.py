@@ -200,20 +200,21 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         added = catalogue.add("cn-east-1", "private")["imageId"]
         deleted = catalogue.random_image_id("cn-east-1", "community", rng)
         catalogue.delete("cn-east-1", deleted)
-        simulator.faults.update({"latency_ms": 300})
-        pids = [d.pid for d in daemons]
-        victim_pid = await wait_for(
-            lambda: scalar(
+        # Each API call now takes 1.5 s: a run still going after 0.6 s is inside a
+        # partition (one that only skips locked partitions ends in moments).
+        simulator.faults.update({"latency_ms": 1500})
+        victim_run = await wait_for(
+            lambda: rows(
                 engine,
-                """SELECT pid FROM inventory.sync_runs
-                    WHERE status = 'running' AND pid = ANY(:pids) ORDER BY run_id LIMIT 1""",
-                pids=pids,
+                """SELECT run_id, pid FROM inventory.sync_runs
+                    WHERE status = 'running' AND clock_timestamp() - started_at > '0.6 s'
+                    ORDER BY run_id LIMIT 1""",
             ),
-            2 * interval,
-            "a run in progress",
+            3 * interval,
+            "a run inside a partition",
             step=0.02,
         )
-        await asyncio.sleep(0.15)  # inside its first partitions (each takes >= 300 ms)
+        victim_run_id, victim_pid = victim_run[0]
         victim = next(d for d in daemons if d.pid == victim_pid)
         victim.process.kill()
         killed_at = time.time()
@@ -232,17 +233,17 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
                 n=count,
                 t=killed_at,
             ),
-            3 * interval,
+            4 * interval + 1.5,
             "every partition synced after the kill",
         )
         print(f"every partition synced again {time.time() - killed_at:.1f}s after the kill")
         dead_runs = await rows(
             engine,
-            "SELECT run_id, status FROM inventory.sync_runs WHERE pid = :pid",
+            "SELECT run_id, status FROM inventory.sync_runs WHERE pid = :pid ORDER BY run_id",
             pid=victim_pid,
         )
-        assert dead_runs and all(r.status != "running" for r in dead_runs)
-        assert dead_runs[-1].status == "abandoned"
+        assert dead_runs[-1] == (victim_run_id, "abandoned")
+        assert all(r.status != "running" for r in dead_runs)
 
         for replica in survivors:
             replica.process.send_signal(signal.SIGTERM)

@@ -214,7 +214,11 @@ async def check_metrics_against_database(
 
 @pytest.fixture
 async def status_server(engine: AsyncEngine, make_settings: Any) -> AsyncIterator[str]:
-    settings = make_settings(IMAGE_SYNC_INTERVAL="900", JDCLOUD_SECRET_KEY="s3cr3t-key-value")
+    settings = make_settings(
+        IMAGE_SYNC_INTERVAL="900",
+        JDCLOUD_ACCESS_KEY="AKTESTSTATUSPAGE",
+        JDCLOUD_SECRET_KEY="s3cr3t-key-value",
+    )
     context = StatusContext(engine=engine, settings=settings, metrics=Metrics())
     async with serve_status(context, "127.0.0.1", 0) as url:
         yield url
