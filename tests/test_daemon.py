@@ -21,8 +21,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.daemon import Daemon
+from service.runtime import open_runtime
 from service.simulator.server import Simulator, running_simulator
 from service.store.runs import mark_abandoned
+from service.sync import Partition
 
 IMAGE_SYNC = str(Path(sys.executable).with_name("image-sync"))
 PARTITIONS = 20  # the simulator's and the service's defaults: 4 regions x 5 sources
@@ -412,3 +415,40 @@ async def test_run_refuses_a_database_that_is_not_migrated(
     assert len(lines) == 1
     assert "the database schema is at nothing" in lines[0]
     assert "image-sync migrate" in lines[0]
+
+
+async def test_a_tick_syncs_only_the_due_partitions_of_each_source(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    async with running_simulator(seed=2, images=40, regions=["cn-north-1"]) as simulator:
+        settings = make_settings(
+            simulator.url,
+            IMAGE_SYNC_REGIONS="cn-north-1",
+            IMAGE_SYNC_SOURCES="public,private",
+            IMAGE_SYNC_INTERVAL="60",
+            IMAGE_SYNC_INTERVAL_PUBLIC="150",
+        )
+        async with open_runtime(settings) as runtime:
+            daemon = Daemon(runtime)
+            public, private = Partition("cn-north-1", "public"), Partition("cn-north-1", "private")
+            assert daemon.tick_interval == 60
+            assert (daemon.ticks_per_sync(public), daemon.ticks_per_sync(private)) == (3, 1)
+            boundary = 60.0 * 20_000_000
+            now = boundary + 7
+            # Aligned ticks: private is due unless synced since this tick's boundary,
+            # public (150 s, rounded up to 3 ticks) unless synced in the last 3 ticks.
+            assert daemon.due_after(private, now) == boundary
+            assert daemon.due_after(public, now) == boundary - 120
+            # The start-up tick: due when older than the interval itself.
+            assert daemon.due_after(public, now, aligned=False) == now - 150
+
+            first = await daemon.tick(aligned=False)
+            assert first is not None and first.status == "succeeded"
+            assert {r.partition for r in first.partitions} == {public, private}
+            assert await daemon.tick(aligned=False) is None  # nothing is due yet
+
+            synced = time.time()
+            assert await daemon.due_partitions({public: synced - 10, private: synced - 10}) == []
+            assert await daemon.due_partitions({public: synced - 10, private: synced + 1}) == [
+                private
+            ]
