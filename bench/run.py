@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -119,12 +120,69 @@ def measured_sync(
     conn: psycopg.Connection, config: dict[str, Any], profile: Path | None = None
 ) -> dict[str, Any]:
     before = table_writes(conn)
-    result = run_phase("sync", {**config, "profile": str(profile) if profile else None})
+    with BackendCpu(conn.info.dbname) as backends:
+        result = run_phase("sync", {**config, "profile": str(profile) if profile else None})
+    result["postgres_cpu_seconds"] = backends.seconds
     # The sync's backends have exited, which flushes their statistics; wait until the
     # cumulative counters stop moving to be sure we read them after the flush.
     after = settled_table_writes(conn)
     result["rows_written"] = {t: after[t] - before[t] for t in TABLES}
     return result
+
+
+class BackendCpu:
+    """CPU seconds used by the PostgreSQL backends of one database while the block runs.
+
+    Sampled from ``/proc`` every 0.1 s (Linux only; 0 elsewhere): a backend's last tenth
+    of a second before it exits can be missed, and shared work (WAL writer, checkpointer)
+    is not counted, so this is a lower bound.
+    """
+
+    def __init__(self, database: str) -> None:
+        self._marker = f" {database} "
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backend-cpu", daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._last[pid] - self._first.get(pid, 0.0) for pid in self._last)
+
+    def __enter__(self) -> BackendCpu:
+        self._sample(initial=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def _sample(self, *, initial: bool = False) -> None:
+        proc = Path("/proc")
+        if not proc.is_dir():
+            return
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if not title.startswith("postgres: ") or self._marker not in title:
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, UnicodeDecodeError, IndexError):
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / self._tick
+            pid = int(entry.name)
+            if initial:
+                self._first[pid] = cpu
+            self._last[pid] = cpu
 
 
 def run_phase(phase: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -369,16 +427,22 @@ def print_table(result: dict[str, Any]) -> None:
         f"concurrency {s['concurrency']}, page size {s['page_size']}, rate limit off, "
         f"{result['machine']['cpus']} CPUs, PostgreSQL {result['machine']['postgresql']}"
     )
-    header = f"{'phase':<18} {'wall s':>8} {'x floor':>8} {'x faster than baseline':>23} {'rows written (images/disks/events)':>35} {'peak RSS MB':>12}"
+    header = (
+        f"{'phase':<18} {'wall s':>8} {'x floor':>8} {'x faster than baseline':>23} "
+        f"{'rows written (images/disks/events)':>35} {'peak RSS MB':>12} {'CPU s (process/PG)':>19}"
+    )
     print(header)
     print("-" * len(header))
     for name, p in result["phases"].items():
         rows = p.get("rows_written")
         written = "/".join(str(rows[t]) for t in TABLES) if rows else "-"
         speedup = f"{p['baseline_speedup']:.1f}" if p.get("baseline_speedup") else "-"
+        cpu = f"{p['cpu_seconds']:.1f}"
+        if "postgres_cpu_seconds" in p:
+            cpu += f"/{p['postgres_cpu_seconds']:.1f}"
         print(
             f"{name:<18} {p['seconds']:>8.2f} {p['x_floor']:>8.2f} {speedup:>23} "
-            f"{written:>35} {p['peak_rss_mb']:>12.0f}"
+            f"{written:>35} {p['peak_rss_mb']:>12.0f} {cpu:>19}"
         )
     b = result["phases"].get("baseline")
     if b:

@@ -54,7 +54,9 @@ listings' requests; a smaller window starves a big listing (the benchmark's 400-
 partition took twice as long with 128)."""
 
 PageSink = Callable[[list[Any]], Awaitable[None]]
-"""Receives each page's items, one call at a time, in completion order."""
+"""Receives each page's items in completion order. Calls are started in that order and
+at most two are outstanding: the second may start while the first awaits (its writes),
+so a sink must keep its own order where it matters (a FIFO lock around its writes)."""
 
 
 async def list_pages(
@@ -110,6 +112,19 @@ async def list_pages(
         task = asyncio.ensure_future(fetch_ahead(number))
         task.add_done_callback(arrived.put_nowait)
         pending.add(task)
+    # Two sink calls overlap: while one page is being written (the sink awaits its
+    # database), the next is already handed over, so its CPU-bound part runs meanwhile.
+    writing: asyncio.Task[None] | None = None
+    consumed = 1
+
+    async def finish(sink: asyncio.Task[None]) -> None:
+        nonlocal consumed
+        await sink
+        ahead.release()
+        consumed += 1
+        if on_progress:
+            on_progress(consumed, pages)
+
     try:
         while pending:
             task = await arrived.get()
@@ -119,13 +134,18 @@ async def list_pages(
             outcome.pages += 1
             stats.pages += 1
             outcome.totals_seen.add(page.total_count)
-            await on_page(page.images)
+            handed = asyncio.ensure_future(on_page(page.images))
             del page
-            ahead.release()
-            if on_progress:
-                on_progress(outcome.pages, pages)
+            if writing is not None:
+                await finish(writing)
+            writing = handed
+        if writing is not None:
+            await finish(writing)
+            writing = None
     finally:
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if writing is not None:
+            writing.cancel()
+        await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
     return outcome

@@ -55,7 +55,7 @@ class Database:
 def create_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0) -> AsyncEngine:
     # JIT compiles a merge's plan for about a second whenever stale statistics make it
     # look expensive (right after a first sync), for no gain on these statements.
-    server_settings = {"application_name": APPLICATION_NAME, "jit": "off"}
+    server_settings = {"application_name": APPLICATION_NAME, "jit": "off", "temp_buffers": "64MB"}
     if statement_timeout:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
     return create_async_engine(
