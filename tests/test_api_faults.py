@@ -416,3 +416,57 @@ async def test_an_item_of_the_wrong_type_is_reported_and_the_partition_still_suc
     (p,) = report.partitions
     assert (p.status, p.invalid_items, p.counts.removed) == ("succeeded", 1, 0)
     assert victim in await listed_ids(engine), "an invalid item is not a removed image"
+
+
+async def test_total_count_understated_by_whole_pages_removes_nothing(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """An API whose totalCount hides whole pages must not make real images look removed."""
+    images = [
+        {
+            "imageId": f"img-{i:010d}",
+            "name": f"image {i}",
+            "imageSource": "private",
+            "createTime": "2024-01-01 00:00:00",
+        }
+        for i in range(30)
+    ]
+    state = {"lie": False}
+
+    async def describe(request: web.Request) -> web.Response:
+        if request.query.get("imageSource") != "private":
+            return web.json_response({"requestId": "r", "result": {"images": [], "totalCount": 0}})
+        size, number = int(request.query["pageSize"]), int(request.query["pageNumber"])
+        page = images[(number - 1) * size : number * size]
+        total = 20 if state["lie"] else len(images)
+        return web.json_response(
+            {"requestId": "r", "result": {"images": page, "totalCount": total}}
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/regions/{region}/images", describe)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = make_settings(
+            f"http://127.0.0.1:{port}",
+            IMAGE_SYNC_REGIONS="cn-north-1",
+            IMAGE_SYNC_SOURCES="private",
+        )
+        async with open_runtime(settings) as rt:
+            first = await sync_once(engine, rt.client, rt.partitions(), page_size=10)
+            assert first.ok and first.total("created") == 30
+            state["lie"] = True  # totalCount now claims 2 pages of 10; 3 pages exist
+            second = await sync_once(engine, rt.client, rt.partitions(), page_size=10)
+    finally:
+        await runner.cleanup()
+    assert second.partitions[0].status == "incomplete"
+    assert second.total("removed") == 0
+    async with engine.connect() as conn:
+        removed = await conn.scalar(
+            sa.text("SELECT count(*) FROM inventory.images WHERE removed_at IS NOT NULL")
+        )
+    assert removed == 0

@@ -94,7 +94,22 @@ async def list_pages(
     await on_page(first.images)
     if on_progress:
         on_progress(1, pages)
+
+    async def past_the_end() -> None:
+        # A totalCount that understates the listing by whole pages would look complete
+        # (and let the merge remove real images). When the last page was full, read
+        # one more: anything on it makes the listing unsettled.
+        if first.total_count == 0 or first.total_count % page_size:
+            return
+        extra = await fetch(pages + 1)
+        outcome.pages += 1
+        stats.pages += 1
+        outcome.totals_seen.add(extra.total_count)
+        if extra.images:  # new ids here make the unique count exceed totalCount
+            await on_page(extra.images)
+
     if pages == 1:
+        await past_the_end()
         return outcome
 
     # Every page is queued for the client at once (its limits pace them, first queued
@@ -148,4 +163,5 @@ async def list_pages(
         if writing is not None:
             writing.cancel()
         await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
+    await past_the_end()
     return outcome
