@@ -91,7 +91,8 @@ DELETE FROM stage_disks d
 """
 
 # Classify staged images against the table. Unchanged ones (same hash, still listed)
-# are not selected at all, so nothing below touches them.
+# are not selected at all, so nothing below touches them. A new image's document is
+# built once, by the statement that writes its created event, not stored here first.
 _CLASSIFY = f"""
 CREATE TEMP TABLE stage_changes ON COMMIT DROP AS
 SELECT s.image_id,
@@ -99,11 +100,12 @@ SELECT s.image_id,
             WHEN i.removed_at IS NOT NULL THEN 'back'
             ELSE 'changed' END AS kind,
        CASE WHEN i.image_id IS NOT NULL THEN {_doc("i", "od.disks")} END AS old_doc,
-       {_doc("s", "nd.disks")} AS new_doc
+       CASE WHEN i.image_id IS NOT NULL THEN {_doc("s", "nd.disks")} END AS new_doc
   FROM stage_images s
   LEFT JOIN inventory.images i ON i.region_id = :region AND i.image_id = s.image_id
   LEFT JOIN LATERAL (
-        SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
+        SELECT {_DISK_DOC} AS disks FROM stage_disks d
+         WHERE i.image_id IS NOT NULL AND d.image_id = s.image_id
   ) nd ON true
   LEFT JOIN LATERAL (
         SELECT {_DISK_DOC} AS disks FROM inventory.image_disks d
@@ -133,8 +135,12 @@ INSERT INTO inventory.image_events
 # One statement per event type, in the order they are recorded for one image.
 _EVENTS = {
     "created": f"""{_EVENT_INSERT}
-SELECT now(), :run_id, :region, d.image_id, :source, 'created', '{{}}', NULL, d.new_doc
-  FROM stage_diff d WHERE d.kind = 'new' ORDER BY d.image_id""",
+SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_doc("s", "nd.disks")}
+  FROM stage_diff c JOIN stage_images s USING (image_id)
+  LEFT JOIN LATERAL (
+        SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
+  ) nd ON true
+ WHERE c.kind = 'new' ORDER BY c.image_id""",
     "reappeared": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
        (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc
