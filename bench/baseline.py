@@ -66,7 +66,9 @@ ON CONFLICT (region_id, image_id, position) DO UPDATE SET
 """
 
 
-def _disk_values(region: str, image_id: str, position: int, disk: dict[str, Any]) -> tuple:
+def _disk_values(
+    region: str, image_id: str, position: int, disk: dict[str, Any]
+) -> tuple[Any, ...]:
     cloud = disk.get("cloudDisk") or {}
     local = disk.get("localDisk") or {}
     return (
@@ -124,14 +126,14 @@ def _write_page(conn: psycopg.Connection, region: str, images: list[dict[str, An
 def run_baseline(config: dict[str, Any]) -> dict[str, Any]:
     # The SDK calls datetime.utcnow() on every request (deprecated on 3.12+).
     warnings.simplefilter("ignore", DeprecationWarning)
-    from jdcloud_sdk.core.config import Config
-    from jdcloud_sdk.core.credential import Credential
-    from jdcloud_sdk.core.logger import Logger
-    from jdcloud_sdk.services.vm.apis.DescribeImagesRequest import (
+    from jdcloud_sdk.core.config import Config  # type: ignore[import-untyped]
+    from jdcloud_sdk.core.credential import Credential  # type: ignore[import-untyped]
+    from jdcloud_sdk.core.logger import Logger  # type: ignore[import-untyped]
+    from jdcloud_sdk.services.vm.apis.DescribeImagesRequest import (  # type: ignore[import-untyped]
         DescribeImagesParameters,
         DescribeImagesRequest,
     )
-    from jdcloud_sdk.services.vm.client.VmClient import VmClient
+    from jdcloud_sdk.services.vm.client.VmClient import VmClient  # type: ignore[import-untyped]
 
     scenario = config["scenario"]
     stride = int(scenario["baseline_stride"])

@@ -486,6 +486,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{b['measured_seconds']:.2f}s, scaled x{b['scale']:.2f}"
         )
     print()
+    if s["name"] != "full":
+        print("(the targets are stated for the full scenario, `make bench`; shown for reference)")
     for name, t in result["targets"].items():
         value = t["value"]
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
