@@ -295,6 +295,11 @@ async def test_a_second_signal_exits_at_once(
             15,
             "the first run to start",
         )
+        # A partition is in hand only once its first (5 s) API call is in flight;
+        # before that a stopping daemon has nothing to drain and is gone at once.
+        await wait_for(
+            lambda: asyncio.sleep(0, simulator.state.counters["requests"] > 0), 15, "an API call"
+        )
         daemon.process.send_signal(signal.SIGTERM)
         await wait_for(lambda: asyncio.sleep(0, "waiting up to" in daemon.output()), 5, "the drain")
         daemon.process.send_signal(signal.SIGINT)
