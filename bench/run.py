@@ -35,6 +35,7 @@ import psycopg
 
 from bench.scenario import BIG_PARTITION, FULL, SMALL, Scenario
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SYSTEM_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = ("images", "image_disks", "image_events")
@@ -218,6 +219,7 @@ def run_phase(phase: str, config: dict[str, Any]) -> dict[str, Any]:
         text=True,
         check=False,
         env=_clean_env(),
+        cwd=ROOT,  # `-m bench.phases` must find this package first, whatever the caller's cwd
     )
     if completed.returncode != 0:
         raise RuntimeError(f"phase {phase} failed ({completed.returncode}):\n{completed.stderr}")
@@ -320,7 +322,7 @@ def simulator(scenario: Scenario) -> Iterator[str]:
         "--skew", f"{BIG_PARTITION}={scenario.skew}",
     ]  # fmt: skip
     process = subprocess.Popen(
-        command, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        command, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -393,8 +395,7 @@ def _clean_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("JDCLOUD_", "IMAGE_SYNC_")) and k != "DATABASE_URL"
     }
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
