@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.normalize import DISK_COLUMNS, KNOWN_FIELDS, TRACKED_FIELDS
-from service.store.runs import RUN_LOCK_SPACE
+from service.store.runs import RUN_IS_LIVE
 
 EXAMPLES = 5
 """Keys quoted per broken invariant; the count covers them all."""
@@ -154,14 +154,7 @@ _CHECKS: tuple[_Check, ...] = (
         SELECT 'run ' || r.run_id,
                format('started %s on %s pid %s', r.started_at, r.host, r.pid)
           FROM inventory.sync_runs r
-         WHERE r.status = 'running'
-           AND NOT EXISTS (
-               SELECT 1 FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.granted
-                  AND l.database = (SELECT oid FROM pg_database
-                                     WHERE datname = current_database())
-                  AND l.classid = {RUN_LOCK_SPACE} AND l.objid = (r.run_id % 2147483648)
-                  AND l.objsubid = 2)
+         WHERE r.status = 'running' AND NOT {RUN_IS_LIVE}
          ORDER BY r.run_id
         """,
     ),

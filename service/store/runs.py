@@ -22,6 +22,14 @@ from service.store.tables import sync_partitions, sync_runs
 
 RUN_LOCK_SPACE = 0x1D5D
 
+RUN_IS_LIVE = f"""EXISTS (
+    SELECT 1 FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.classid = {RUN_LOCK_SPACE} AND l.objid = (r.run_id % 2147483648)
+       AND l.objsubid = 2)"""
+"""SQL: true while the process of run ``r`` (a ``sync_runs`` row) holds its liveness lock."""
+
 
 @dataclass(frozen=True, slots=True)
 class PartitionRecord:
@@ -105,21 +113,13 @@ async def mark_abandoned(engine: AsyncEngine) -> int:
     async with engine.begin() as conn:
         result = await conn.execute(
             sa.text(
-                """
+                f"""
                 UPDATE inventory.sync_runs r
                    SET status = 'abandoned', finished_at = now(),
                        error_message = coalesce(error_message,
                            'its process stopped before finishing the run')
-                 WHERE r.status = 'running'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM pg_locks l
-                        WHERE l.locktype = 'advisory' AND l.granted
-                          AND l.database = (SELECT oid FROM pg_database
-                                             WHERE datname = current_database())
-                          AND l.classid = :space AND l.objid = (r.run_id % 2147483648)
-                          AND l.objsubid = 2)
+                 WHERE r.status = 'running' AND NOT {RUN_IS_LIVE}
                 """
-            ),
-            {"space": RUN_LOCK_SPACE},
+            )
         )
         return result.rowcount
