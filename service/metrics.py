@@ -8,9 +8,19 @@ refreshed from PostgreSQL when the status server is scraped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+RETRY_REASONS = (
+    "RATE_LIMIT", "INTERNAL", "UNKNOWN", "SOURCE_UNAVAILABLE", "UNAVAILABLE",
+    "TIMEOUT", "NETWORK", "MALFORMED",
+)  # fmt: skip
+"""Retry reasons known in advance (the API's error.status, or our kind of failure)."""
+PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
+EVENT_TYPES = ("created", "updated", "went_offline", "came_online", "removed", "reappeared")
 
 
 class Metrics:
@@ -75,3 +85,17 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)
+
+    def initialise(self, regions: Iterable[str], sources: Iterable[str]) -> None:
+        """Create the labelled counters at 0 for the configured partitions, so that
+        dashboards and alerts (``rate(...)``) see a series before its first event."""
+        sources = tuple(sources)
+        for region in regions:
+            self.api_throttled.labels(region)
+            for reason in RETRY_REASONS:
+                self.api_retries.labels(region, reason)
+            for source in sources:
+                for status in PARTITION_STATUSES:
+                    self.partitions.labels(region, source, status)
+        for event_type in EVENT_TYPES:
+            self.events.labels(event_type)

@@ -63,6 +63,7 @@ async def open_runtime(
             )
         )
         metrics = metrics or Metrics()
+        metrics.initialise(settings.regions, settings.sources)
         client = ImagesClient(
             session,
             endpoint=settings.endpoint,
