@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -40,6 +41,22 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time: while progress bars are on
+    screen, rich redirects it so that log lines print above the bars, not through them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and exception)."""
 
@@ -60,7 +77,7 @@ def setup_logging(
 ) -> RedactingFilter:
     """Configure the root logger for the process. Returns the redacting filter."""
     fmt = log_format or ("text" if sys.stderr.isatty() else "json")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
