@@ -193,6 +193,18 @@ def _boot_mode(item: dict[str, Any], image_id: str) -> str | None:
     return None if uefi is None else ("uefi" if uefi else "bios")
 
 
+def content_hash(item: dict[str, Any], image_source: str) -> bytes | None:
+    """The ``content_hash`` :func:`normalize_image` gives ``item``, without the rest of
+    the work: a resync compares it with the stored hash and skips unchanged images.
+    None when the item cannot be serialised (it will fail normalisation anyway)."""
+    try:
+        digest = hashlib.blake2b(orjson.dumps(item, option=orjson.OPT_SORT_KEYS), digest_size=16)
+    except TypeError:
+        return None
+    digest.update(image_source.encode())
+    return digest.digest()
+
+
 def normalize_image(item: Any, *, region_id: str, image_source: str) -> ImageRow:
     """Validate one API image object and turn it into an :class:`ImageRow`.
 

@@ -24,7 +24,7 @@ from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
 from service.jdcloud.client import ImagesClient, RequestStats
 from service.jdcloud.listing import Listing, ListingOutcome, list_pages
 from service.metrics import Metrics
-from service.normalize import ImageRow, InvalidItem, normalize_image
+from service.normalize import ImageRow, InvalidItem, content_hash, normalize_image
 from service.store.apply import MergeCounts, PartitionWriter
 from service.store.engine import describe_error
 from service.store.runs import (
@@ -127,6 +127,9 @@ class _Staged:
     # logged once, however many passes re-read its listing.
     invalid_seen: set[tuple[int, str]] = field(default_factory=set)
     outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
+    # image_id -> stored content hash of the partition's listed images: an item whose
+    # hash is unchanged is only recorded as seen, not normalised or staged in full.
+    known: dict[str, bytes] = field(default_factory=dict)
 
 
 async def sync_once(
@@ -341,6 +344,7 @@ async def _sync_partition(
                 report = PartitionReport(partition, "skipped_fresh")
             else:
                 await writer.open()
+                staged.known = await writer.listed_hashes()
                 stage_lock = asyncio.Lock()
                 settled = await _gather_or_cancel(
                     *(
@@ -500,8 +504,20 @@ class _ListingPass:
 
     async def on_page(self, items: list[Any]) -> None:
         staged, listing = self.staged, self.listing
+        known = staged.known
         rows: list[ImageRow] = []
+        unchanged: list[str] = []
         for item in items:
+            image_id = item.get("imageId") if known and isinstance(item, dict) else None
+            if (
+                isinstance(image_id, str)
+                and image_id in known
+                and known[image_id] == content_hash(item, listing.source)
+            ):
+                if image_id not in self.ids:
+                    self.ids.add(image_id)
+                    unchanged.append(image_id)
+                continue
             try:
                 row = normalize_image(item, region_id=listing.region, image_source=listing.source)
             except InvalidItem as exc:
@@ -529,6 +545,7 @@ class _ListingPass:
             rows.append(row)
         async with self.lock:
             await self.writer.stage(rows, listing.index)
+            await self.writer.stage_unchanged(unchanged, listing.index)
 
 
 async def _list_until_settled(

@@ -280,6 +280,7 @@ async def test_no_change_resync_writes_zero_rows(
         async with open_runtime(settings) as rt:
             second = await sync_once(rt.database.engine, rt.client, rt.partitions())
         assert second.ok and second.total("images_seen") == 300
+        assert second.total("unchanged") == 300  # recognised by hash, never staged in full
         after = await table_writes(database_url)
     assert before["images"] >= 300 and before["image_events"] >= 300  # the counters do count
     assert after == before, (

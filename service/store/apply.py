@@ -66,6 +66,7 @@ _CREATE_STAGING = [
         created_at timestamptz, "offline" boolean, content_hash bytea, raw jsonb,
         listing smallint
     ) ON COMMIT DROP""",
+    """CREATE TEMP TABLE stage_seen (image_id text, listing smallint) ON COMMIT DROP""",
     """CREATE TEMP TABLE stage_disks (
         image_id text, position smallint, role text, device_name text, disk_category text,
         auto_delete boolean, cloud_disk_type text, cloud_disk_size_gb integer,
@@ -83,6 +84,10 @@ _DISK_COLS = ", ".join(DISK_COLUMNS)
 _DEDUPE_IMAGES = """
 DELETE FROM stage_images a USING stage_images b
  WHERE a.image_id = b.image_id AND a.listing < b.listing
+"""
+_DEDUPE_UNCHANGED = """
+DELETE FROM stage_images s USING stage_seen u
+ WHERE s.image_id = u.image_id AND s.listing < u.listing
 """
 _DEDUPE_DISKS = """
 DELETE FROM stage_disks d
@@ -197,6 +202,7 @@ WITH gone_ids AS MATERIALIZED (
       FROM inventory.images i
      WHERE i.region_id = :region AND i.image_source = :source AND i.removed_at IS NULL
        AND NOT EXISTS (SELECT 1 FROM stage_images s WHERE s.image_id = i.image_id)
+       AND NOT EXISTS (SELECT 1 FROM stage_seen u WHERE u.image_id = i.image_id)
        AND NOT i.image_id = ANY(CAST(:keep AS text[]))
 ), gone AS (
     SELECT i.image_id, {_doc("i", "od.disks")} AS doc
@@ -294,6 +300,27 @@ class PartitionWriter:
                 "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
             )
 
+    async def listed_hashes(self) -> dict[str, bytes]:
+        """``image_id -> content_hash`` of the partition's listed images (for a resync to
+        recognise unchanged images before normalising them)."""
+        result = await self._conn.execute(
+            sa.text(
+                "SELECT image_id, content_hash FROM inventory.images"
+                " WHERE region_id = :region AND image_source = :source AND removed_at IS NULL"
+            ),
+            {"region": self.region, "source": self.source},
+        )
+        return {image_id: bytes(digest) for image_id, digest in result.all()}
+
+    async def stage_unchanged(self, image_ids: Sequence[str], listing: int) -> None:
+        """Record images listed again with their stored content hash: seen, not rewritten."""
+        if image_ids:
+            await self._driver.copy_records_to_table(
+                "stage_seen",
+                records=[(image_id, listing) for image_id in image_ids],
+                columns=("image_id", "listing"),
+            )
+
     async def discard_listing(self, listing: int) -> None:
         """Forget what one listing staged (it is about to be listed again)."""
         await self._conn.execute(
@@ -301,6 +328,9 @@ class PartitionWriter:
         )
         await self._conn.execute(
             sa.text("DELETE FROM stage_disks WHERE listing = :l"), {"l": listing}
+        )
+        await self._conn.execute(
+            sa.text("DELETE FROM stage_seen WHERE listing = :l"), {"l": listing}
         )
 
     async def merge(
@@ -317,12 +347,23 @@ class PartitionWriter:
         await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
         # An image that moved between the online and offline listings while they were
         # read can be in both: keep one (the offline listing's), never two.
+        await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
         await conn.execute(sa.text(_DEDUPE_IMAGES))
+        await conn.execute(sa.text(_DEDUPE_UNCHANGED))
         await conn.execute(sa.text(_DEDUPE_DISKS))
+        await conn.execute(sa.text("ANALYZE stage_seen"))
         # Only the join keys: sampling the raw jsonb cost more than the rest of a merge.
         await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
         await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
-        seen = await conn.scalar(sa.text("SELECT count(*) FROM stage_images")) or 0
+        seen = (
+            await conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM (SELECT image_id FROM stage_images"
+                    " UNION SELECT image_id FROM stage_seen) ids"
+                )
+            )
+            or 0
+        )
         await conn.execute(sa.text(_CLASSIFY), params)
         await conn.execute(sa.text(_DIFF))
         counts: dict[str, int] = {}
