@@ -38,6 +38,7 @@ import enum
 import logging
 import math
 import os
+import random
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -96,6 +97,7 @@ class Daemon:
         self._draining = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._startup_tick: asyncio.Task[None] | None = None
         self._ticks = 0
 
     # -- scheduling -------------------------------------------------------------------
@@ -178,9 +180,19 @@ class Daemon:
 
     async def _scheduled_tick(self) -> None:
         """The scheduler's job: a tick, tracked so that shutdown can wait for it."""
+        if self._tick_task is not None and not self._tick_task.done():
+            log.info("tick skipped: the previous tick is still running")
+            return
         self._tick_task = asyncio.current_task()
         self._ticks += 1
         try:
+            if self._ticks > 1 and self.jitter:
+                # Jitter after the boundary, never before it, and never accumulated: the
+                # trigger itself fires exactly on the boundaries.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), random.uniform(0, self.jitter))
+                if self._stop.is_set():
+                    return
             await self.tick(aligned=self._ticks > 1)
         except asyncio.CancelledError:
             raise
@@ -193,10 +205,11 @@ class Daemon:
         # Align tick boundaries on the epoch so the replicas of a deployment tick together.
         now = time.time()
         aligned = math.floor(now / self.tick_interval) * self.tick_interval
+        # No APScheduler jitter: it adds to the previous (jittered) fire time, so ticks
+        # would drift off the boundaries; the tick applies its own jitter instead.
         trigger = IntervalTrigger(
             seconds=self.tick_interval,
             start_date=datetime.fromtimestamp(aligned, UTC),
-            jitter=self.jitter or None,
             timezone=UTC,
         )
         scheduler = AsyncIOScheduler(timezone=UTC)
@@ -208,9 +221,11 @@ class Daemon:
             max_instances=1,
             coalesce=True,
             misfire_grace_time=None,
-            next_run_time=datetime.now(UTC),
         )
         scheduler.start()
+        # The start-up tick, right away (a `next_run_time` on the job would shift every
+        # later tick off the boundaries).
+        self._startup_tick = asyncio.ensure_future(self._scheduled_tick())
         return scheduler
 
     # -- lifecycle --------------------------------------------------------------------
@@ -246,6 +261,10 @@ class Daemon:
             # Pause first: shutting the scheduler down would cancel the tick in hand.
             self._scheduler.pause()
             await self._drain()
+            if self._startup_tick is not None and not self._startup_tick.done():
+                self._startup_tick.cancel()  # it never began: the drain found no tick
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._startup_tick
             self._scheduler.shutdown(wait=False)
             await asyncio.sleep(0)  # the scheduler shuts down on the loop's next turn
             self.state = DaemonState.STOPPED
