@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.store.tables import EVENT_TYPES, PARTITION_STATUSES
+
 _DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 RETRY_REASONS = (
@@ -19,8 +21,6 @@ RETRY_REASONS = (
     "TIMEOUT", "NETWORK", "MALFORMED",
 )  # fmt: skip
 """Retry reasons known in advance (the API's error.status, or our kind of failure)."""
-PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
-EVENT_TYPES = ("created", "updated", "went_offline", "came_online", "removed", "reappeared")
 
 
 class Metrics:

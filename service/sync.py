@@ -35,6 +35,7 @@ from service.store.runs import (
     release_run,
     start_run,
 )
+from service.store.tables import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -282,7 +283,7 @@ def _totals(reports: Sequence[PartitionReport]) -> dict[str, int]:
         "retries": sum(r.retries for r in reports),
         "images_seen": sum(r.counts.images_seen for r in reports),
     }
-    for name in ("created", "updated", "went_offline", "came_online", "removed", "reappeared"):
+    for name in EVENT_TYPES:
         totals[name] = sum(getattr(r.counts, name) for r in reports)
     return totals
 

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.normalize import DISK_COLUMNS, IMAGE_COLUMNS, KNOWN_FIELDS, ImageRow, image_record
+from service.store.tables import EVENT_TYPES
 
 PARTITION_LOCK_SPACE = 0x1D5C
 """First key of the two-key advisory locks taken on partitions."""
@@ -238,14 +239,8 @@ class MergeCounts:
     reappeared: int = 0
 
     def events(self) -> dict[str, int]:
-        return {
-            "created": self.created,
-            "updated": self.updated,
-            "went_offline": self.went_offline,
-            "came_online": self.came_online,
-            "removed": self.removed,
-            "reappeared": self.reappeared,
-        }
+        """Events written, by type."""
+        return {name: getattr(self, name) for name in EVENT_TYPES}
 
 
 class PartitionWriter:
