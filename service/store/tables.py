@@ -49,6 +49,11 @@ def _tz(name: str, comment: str, *, nullable: bool = True) -> Column[object]:
     return Column(name, DateTime(timezone=True), nullable=nullable, comment=comment)
 
 
+def _count(name: str, comment: str) -> Column[object]:
+    """A non-null integer counter starting at 0."""
+    return Column(name, Integer, nullable=False, server_default="0", comment=comment)
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -159,39 +164,17 @@ sync_runs = Table(
     Column("trigger", Text, nullable=False, comment="What started it: cli, schedule, demo, bench."),
     Column("host", Text, nullable=False, comment="Host name of the process."),
     Column("pid", Integer, nullable=False, comment="Process id on that host."),
-    Column("partitions", Integer, nullable=False, server_default="0", comment="Partitions tried."),
-    Column(
-        "partitions_failed",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="Partitions failed or incomplete.",
-    ),
-    Column(
-        "api_requests",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="describeImages requests sent.",
-    ),
-    Column("retries", Integer, nullable=False, server_default="0", comment="Requests retried."),
-    Column(
-        "images_seen",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="Distinct images listed.",
-    ),
-    Column("created", Integer, nullable=False, server_default="0", comment="created events."),
-    Column("updated", Integer, nullable=False, server_default="0", comment="updated events."),
-    Column(
-        "went_offline", Integer, nullable=False, server_default="0", comment="went_offline events."
-    ),
-    Column(
-        "came_online", Integer, nullable=False, server_default="0", comment="came_online events."
-    ),
-    Column("removed", Integer, nullable=False, server_default="0", comment="removed events."),
-    Column("reappeared", Integer, nullable=False, server_default="0", comment="reappeared events."),
+    _count("partitions", "Partitions tried."),
+    _count("partitions_failed", "Partitions failed or incomplete."),
+    _count("api_requests", "describeImages requests sent."),
+    _count("retries", "Requests retried."),
+    _count("images_seen", "Distinct images listed."),
+    _count("created", "created events."),
+    _count("updated", "updated events."),
+    _count("went_offline", "went_offline events."),
+    _count("came_online", "came_online events."),
+    _count("removed", "removed events."),
+    _count("reappeared", "reappeared events."),
     Column("error_message", Text, comment="Why the run failed, when it did."),
     PrimaryKeyConstraint("run_id"),
     CheckConstraint(_in("status", RUN_STATUSES), name="status"),
@@ -214,47 +197,19 @@ sync_partitions = Table(
     ),
     _tz("started_at", "When the partition started.", nullable=False),
     _tz("finished_at", "When the partition ended.", nullable=False),
-    Column("pages", Integer, nullable=False, server_default="0", comment="Pages read."),
-    Column(
-        "api_requests",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="Requests sent, retries included.",
-    ),
-    Column("retries", Integer, nullable=False, server_default="0", comment="Requests retried."),
+    _count("pages", "Pages read."),
+    _count("api_requests", "Requests sent, retries included."),
+    _count("retries", "Requests retried."),
     Column("total_count", Integer, comment="Sum of the listings' totalCount."),
-    Column(
-        "images_seen",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="Distinct images listed.",
-    ),
-    Column("created", Integer, nullable=False, server_default="0", comment="created events."),
-    Column("updated", Integer, nullable=False, server_default="0", comment="updated events."),
-    Column(
-        "unchanged",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="Listed images with no change.",
-    ),
-    Column(
-        "went_offline", Integer, nullable=False, server_default="0", comment="went_offline events."
-    ),
-    Column(
-        "came_online", Integer, nullable=False, server_default="0", comment="came_online events."
-    ),
-    Column("removed", Integer, nullable=False, server_default="0", comment="removed events."),
-    Column("reappeared", Integer, nullable=False, server_default="0", comment="reappeared events."),
-    Column(
-        "invalid_items",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="API items rejected at validation (missing imageId, wrong types).",
-    ),
+    _count("images_seen", "Distinct images listed."),
+    _count("created", "created events."),
+    _count("updated", "updated events."),
+    _count("unchanged", "Listed images with no change."),
+    _count("went_offline", "went_offline events."),
+    _count("came_online", "came_online events."),
+    _count("removed", "removed events."),
+    _count("reappeared", "reappeared events."),
+    _count("invalid_items", "API items rejected at validation (missing imageId, wrong types)."),
     Column(
         "error_status", Text, comment="API error.status (e.g. QUOTA_EXCEEDED) or an internal kind."
     ),
