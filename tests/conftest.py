@@ -18,15 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings, load_settings
 from service.store import migrate
 from service.store.engine import create_engine
-
-INVENTORY_TABLES = "inventory.image_events, inventory.image_disks, inventory.images, inventory.sync_partitions, inventory.sync_runs"
+from tests.fault_helpers import truncate
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -85,8 +83,7 @@ async def session_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def engine(session_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     """The migrated test database, emptied before the test; checks no connection leaks."""
-    async with session_engine.begin() as conn:
-        await conn.execute(sa.text(f"TRUNCATE {INVENTORY_TABLES} RESTART IDENTITY CASCADE"))
+    await truncate(session_engine)
     yield session_engine
     pool = session_engine.pool
     assert pool.checkedout() == 0, f"{pool.checkedout()} pooled connections leaked"  # type: ignore[attr-defined]
