@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -161,7 +161,16 @@ def parse_create_time(value: str | None, image_id: str | None = None) -> datetim
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidItem(f"createTime is not a time: {value!r:.40}", image_id) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=BEIJING)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=BEIJING)
+    # 0001-01-01 in Beijing is year 0 in UTC, and the driver writes the first and last
+    # representable moments as -infinity/infinity: neither is a creation time.
+    if not _FIRST_MOMENT < parsed < _LAST_MOMENT:
+        raise InvalidItem(f"createTime out of range: {value!r:.40}", image_id)
+    return parsed
+
+
+_FIRST_MOMENT = datetime.min.replace(tzinfo=UTC)
+_LAST_MOMENT = datetime.max.replace(tzinfo=UTC)
 
 
 def _disk(attachment: Any, position: int, image_id: str) -> DiskRow:

@@ -138,6 +138,8 @@ INVALID = {
     "nul_in_desc": ("desc", "\x00"),
     "huge_desc": ("desc", HUGE),
     "bad_time": ("createTime", "yesterday"),
+    "time_before_utc_year_1": ("createTime", "0001-01-01 00:00:00"),  # crashed the COPY once
+    "time_at_the_end": ("createTime", "9999-12-31T23:59:59.999999+00:00"),  # -> 'infinity'
     "offline_word": ("offline", "maybe"),
     "disks_not_list": ("dataDisks", "vdb"),
     "system_disk_str": ("systemDisk", "vda"),
