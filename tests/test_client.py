@@ -198,6 +198,7 @@ async def recording_server(delay: float) -> AsyncIterator[tuple[str, list[dict[s
                 "arrived": time.time(),
                 "date": request.headers.get("x-jdcloud-date"),
                 "user_agent": request.headers.get("User-Agent"),
+                "page": int(request.query["pageNumber"]),
             }
         )
         await asyncio.sleep(delay)
@@ -230,6 +231,31 @@ async def test_a_request_is_signed_when_it_leaves_not_when_it_queued() -> None:
         # < 1 s plus transit time; queued-then-sent it would be >= 1.2 s behind.
         assert 0 <= request["arrived"] - signed.timestamp() < 1.1
         assert request["user_agent"] == USER_AGENT
+
+
+async def test_waiting_requests_are_served_by_priority_then_in_order() -> None:
+    """One slot: while page 1 is out, pages queue with priorities; they leave lowest
+    priority first, in arrival order within one; a waiter cancelled while queued is
+    never sent and does not take the slot with it."""
+    async with recording_server(0.2) as (url, seen), images_client(url, concurrency=1) as client:
+
+        def page(number: int, priority: float) -> asyncio.Task[Any]:
+            return asyncio.ensure_future(
+                client.describe_images(
+                    "cn-north-1", image_source="private", page_number=number, priority=priority
+                )
+            )
+
+        first = page(1, 0)
+        await asyncio.sleep(0.05)  # page 1 holds the slot
+        queued = [page(2, 5), page(3, -1), page(4, 5), page(5, -1)]
+        cancelled = page(6, -10)
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.gather(first, *queued)
+        await asyncio.wait_for(page(7, 0), 2)  # the slot is free again
+    assert cancelled.cancelled()
+    assert [request["page"] for request in seen] == [1, 3, 5, 2, 4, 7]
 
 
 async def test_read_timeout_is_retried_then_the_partition_fails_cleanly(

@@ -3,7 +3,10 @@
 It owns no session: the caller builds one :class:`aiohttp.ClientSession` at start-up
 (see :func:`open_session`) and hands it over. Two limits hold every request:
 
-* a global semaphore: at most ``concurrency`` requests in flight, all regions together;
+* a global gate: at most ``concurrency`` requests in flight, all regions together,
+  waiters served by ``priority`` (lowest first; the listing puts the pages of big
+  listings first, so their merges overlap the fetching of the small ones), first come
+  first served within one priority;
 * a per-region sliding window: at most ``rate_limit`` requests (its integer part;
   one per ``1/rate_limit`` s below 1/s) reach the gateway in any one second (a strict
   window, not a leaky bucket: the API throttles per second).
@@ -27,6 +30,8 @@ caller's :class:`RequestStats` and in the Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import random
 import re
@@ -88,6 +93,40 @@ class Page:
     request_id: str | None
 
 
+class _Slots:
+    """A semaphore whose waiters are served lowest ``priority`` first, FIFO within one."""
+
+    __slots__ = ("_free", "_order", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: float = 0.0) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            # Cancelled after the slot was handed over: pass it on. Cancelled while
+            # waiting: the entry stays in the heap, done, and release() skips it.
+            if granted.done() and not granted.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            granted = heapq.heappop(self._waiters)[2]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
+
+
 class _Admission:
     """One admitted request's place in its region's window, stamped once."""
 
@@ -120,7 +159,7 @@ class _SlidingWindow:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _stamped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def admit(self, in_flight: asyncio.Semaphore) -> _Admission:
+    async def admit(self, in_flight: _Slots, priority: float = 0.0) -> _Admission:
         """Wait for room in the window, then for a slot of ``in_flight``.
 
         The caller owns the acquired ``in_flight`` slot and must ``settle()`` the result
@@ -140,7 +179,7 @@ class _SlidingWindow:
                 self._stamped.clear()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._stamped.wait(), timeout)
-            await in_flight.acquire()
+            await in_flight.acquire(priority)
             self._pending += 1
         return _Admission(self)
 
@@ -197,7 +236,7 @@ class ImagesClient:
         self._host = parts.netloc
         self._path_prefix = parts.path.rstrip("/")
         self._credentials = credentials
-        self._in_flight = asyncio.Semaphore(concurrency)
+        self._in_flight = _Slots(concurrency)
         self._rate = rate_limit
         self._windows: dict[str, _SlidingWindow] = {}
         self._max_attempts = max_attempts
@@ -222,13 +261,15 @@ class ImagesClient:
         launch_permission: str | None = None,
         status: str | None = None,
         stats: RequestStats | None = None,
+        priority: float = 0.0,
     ) -> Page:
         """One page of ``GET /v1/regions/{region}/images`` with the documented filters.
 
         ``ids`` are sent as ``ids.1=..&ids.2=..`` (as the SDK does); the other filters
         then have no effect at the API. Raises :class:`ValueError` for arguments the API
         would refuse (a malformed region, ``page_size`` outside 10..100, a
-        ``page_number`` below 1, an empty id).
+        ``page_number`` below 1, an empty id). Requests waiting for a global slot are
+        served lowest ``priority`` first.
         """
         _check_region(region)
         if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
@@ -257,7 +298,7 @@ class ImagesClient:
             params.append(("ids", list(ids)))
         params.append(("pageNumber", page_number))
         params.append(("pageSize", page_size))
-        return await self._get(region, encode_query(params), stats or RequestStats())
+        return await self._get(region, encode_query(params), stats or RequestStats(), priority)
 
     async def lookup_ids(
         self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
@@ -318,15 +359,15 @@ class ImagesClient:
         return window
 
     @asynccontextmanager
-    async def _slot(self, region: str) -> AsyncIterator[_Admission | None]:
+    async def _slot(self, region: str, priority: float) -> AsyncIterator[_Admission | None]:
         """Hold a global in-flight slot, admitted by the region's rate window; yields the
         admission to settle when the response begins (None without a rate limit)."""
         window = self._window(region)
         if window is None:
-            await self._in_flight.acquire()
+            await self._in_flight.acquire(priority)
             admission = None
         else:
-            admission = await window.admit(self._in_flight)
+            admission = await window.admit(self._in_flight, priority)
         try:
             yield admission
         finally:
@@ -334,12 +375,14 @@ class ImagesClient:
                 admission.settle()  # no-op once the response began
             self._in_flight.release()
 
-    async def _get(self, region: str, query: str, stats: RequestStats) -> Page:
+    async def _get(
+        self, region: str, query: str, stats: RequestStats, priority: float = 0.0
+    ) -> Page:
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(region, query, stats)
+                return await self._attempt(region, query, stats, priority)
             except TransientApiError as exc:
                 if attempt >= self._max_attempts:
                     raise
@@ -354,9 +397,9 @@ class ImagesClient:
                     delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, region: str, query: str, stats: RequestStats) -> Page:
+    async def _attempt(self, region: str, query: str, stats: RequestStats, priority: float) -> Page:
         url = URL(self._url(region, query), encoded=True)
-        async with self._slot(region) as admission:
+        async with self._slot(region, priority) as admission:
             # Signed only now, when the request leaves: however long it queued for the
             # rate window or a global slot, x-jdcloud-date is within the gateway's skew.
             headers = self._signed_headers(region, query)
