@@ -251,6 +251,7 @@ class PartitionWriter:
         self.region = region
         self.source = source
         self._driver: Any = None
+        self._listings: set[int] = set()  # listings that staged anything
 
     async def try_lock(self) -> bool:
         """Take the partition's transaction-scoped advisory lock; False if another holds it."""
@@ -284,6 +285,7 @@ class PartitionWriter:
         """COPY one page's rows (already de-duplicated) into staging."""
         if not rows:
             return
+        self._listings.add(listing)
         await self._driver.copy_records_to_table(
             "stage_images",
             records=[(*image_record(r), listing) for r in rows],
@@ -310,6 +312,7 @@ class PartitionWriter:
     async def stage_unchanged(self, image_ids: Sequence[str], listing: int) -> None:
         """Record images listed again with their stored content hash: seen, not rewritten."""
         if image_ids:
+            self._listings.add(listing)
             await self._driver.copy_records_to_table(
                 "stage_seen",
                 records=[(image_id, listing) for image_id in image_ids],
@@ -340,14 +343,18 @@ class PartitionWriter:
         conn = self._conn
         await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
-        # An image that moved between the online and offline listings while they were
-        # read can be in both: keep one (the offline listing's), never two.
         await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
-        await conn.execute(sa.text(_DEDUPE_IMAGES))
-        await conn.execute(sa.text(_DEDUPE_UNCHANGED))
-        await conn.execute(sa.text(_DEDUPE_DISKS))
+        if len(self._listings) > 1:
+            # An image that moved between the online and offline listings while they
+            # were read can be in both: keep one (the offline listing's), never two.
+            # (Within one listing the process staged each image once.)
+            await conn.execute(sa.text(_DEDUPE_IMAGES))
+            await conn.execute(sa.text(_DEDUPE_UNCHANGED))
+            await conn.execute(sa.text(_DEDUPE_DISKS))
+        # Statistics of the join keys only, from a small sample (3,000 rows): a full
+        # one read the whole staging table, 0.1 s on a 40,000-image partition.
+        await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
         await conn.execute(sa.text("ANALYZE stage_seen"))
-        # Only the join keys: sampling the raw jsonb cost more than the rest of a merge.
         await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
         await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
         seen = (

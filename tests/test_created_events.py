@@ -1,0 +1,112 @@
+"""A created event records the whole image: the document every later comparison
+(updated events, ``images_as_of``) builds from the stored row, for ordinary and odd
+items alike; and a createTime PostgreSQL cannot hold is an invalid item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.normalize import ImageRow, InvalidItem, normalize_image
+from service.simulator.catalogue import Catalogue
+from service.store.apply import _DISK_DOC, PartitionWriter, _doc
+from service.store.runs import release_run, start_run
+
+REGION, SOURCE = "cn-north-1", "private"
+
+ODD_ITEMS: list[dict[str, Any]] = [
+    {"imageId": "img-bare"},
+    {"imageId": "img-fraction", "createTime": "2021-03-04T05:06:07.250000+02:00"},
+    {"imageId": "img-micro", "createTime": "2021-03-04 05:06:07.000001"},
+    {"imageId": "img-midnight", "createTime": "2020-01-01 00:00:00"},
+    {"imageId": "img-year-1", "createTime": "0001-01-01T00:00:01+00:00"},
+    {"imageId": "img-year-9999", "createTime": "9999-12-31 23:59:59"},
+    {
+        "imageId": "img-coerced",
+        "progress": "100",
+        "sizeMB": "2048",
+        "offline": "true",
+        "uefiSupport": True,
+        "systemDiskSizeGB": 40.0,
+    },
+    {
+        "imageId": "img-disks",
+        "systemDisk": {"diskCategory": "local", "localDisk": {"diskType": "nvme", "diskSizeGB": 0}},
+        "dataDisks": [
+            {"deviceName": "vdb", "autoDelete": "false", "cloudDisk": {"iops": 3000}},
+            {"deviceName": "vdc", "cloudDisk": {"encrypted": True, "snapshotId": "snap-1"}},
+        ],
+    },
+    {
+        "imageId": "img-unknown-fields",
+        "name": 'quote " backslash \\ tab \t 中文 \U0001f600',
+        "tags": [{"k": "v"}, None, 1.5, -3, True, {"nested": {"deep": []}}],
+        "zeroFloat": 0.0,
+        "bigInt": 2**62,
+        "emptyObject": {},
+    },
+]
+
+
+def _normalised(items: list[dict[str, Any]]) -> list[ImageRow]:
+    return [normalize_image(item, region_id=REGION, image_source=SOURCE) for item in items]
+
+
+def _items() -> list[dict[str, Any]]:
+    catalogue = Catalogue(seed=41, images=200, regions=(REGION,), sources=(SOURCE,))
+    return catalogue.images(REGION, SOURCE) + ODD_ITEMS
+
+
+async def test_created_events_record_the_stored_image(engine: AsyncEngine) -> None:
+    """Each created event's document is the one the merge builds from the stored image."""
+    items = _items()
+    rows = _normalised(items)
+    async with engine.connect() as lock_conn:
+        await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
+        run_id = await start_run(lock_conn, trigger="cli")
+        try:
+            async with engine.connect() as conn, conn.begin():
+                writer = PartitionWriter(conn, region=REGION, source=SOURCE)
+                await writer.open()
+                await writer.stage(rows, 0)
+                counts = await writer.merge(run_id=run_id, remove_missing=True)
+        finally:
+            await release_run(lock_conn, run_id)
+        stored_doc = _doc(
+            "i",
+            f"(SELECT {_DISK_DOC} FROM inventory.image_disks d"
+            " WHERE d.region_id = i.region_id AND d.image_id = i.image_id)",
+        )
+        compared = (
+            await lock_conn.execute(
+                sa.text(
+                    f"SELECT e.image_id, e.after = {stored_doc}, e.after, {stored_doc}"
+                    " FROM inventory.image_events e"
+                    " JOIN inventory.images i USING (region_id, image_id)"
+                    " WHERE e.event_type = 'created' ORDER BY e.event_id"
+                )
+            )
+        ).all()
+    assert counts.created == len(items)
+    assert [image_id for image_id, *_ in compared] == sorted(row.image_id for row in rows)
+    assert [(image_id, after, sql) for image_id, same, after, sql in compared if not same] == []
+
+
+@pytest.mark.parametrize(
+    "create_time",
+    [
+        "0001-01-01 00:00:00",  # Beijing: year 0 in UTC; the COPY raised OverflowError
+        "0001-01-01T00:00:00+00:00",  # the driver writes it as -infinity
+        "9999-12-31T23:59:59.999999+00:00",  # ... and this as infinity
+        "9999-12-31T20:00:00-05:00",  # year 10000 in UTC
+    ],
+)
+def test_create_time_without_a_timestamptz_is_an_invalid_item(create_time: str) -> None:
+    with pytest.raises(InvalidItem, match="createTime out of range"):
+        normalize_image(
+            {"imageId": "img-t", "createTime": create_time}, region_id=REGION, image_source=SOURCE
+        )
