@@ -7,6 +7,7 @@ The CLI, the daemon, the demo and the benchmark all start here.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,20 @@ from service.sync import Partition, partitions_of
 
 PARTITION_CONCURRENCY = 8
 """Partitions applied at once; each holds one database connection while it runs."""
+
+GC_THRESHOLDS = (20_000, 50, 50)
+"""A sync allocates a few container objects per image (decoded JSON), almost all freed
+by reference counting; at the default (700, 10, 10) the cyclic collector ran every few
+pages and rescanned the start-up objects. Measured on the benchmark's first sync:
+process CPU 6.6 -> 5.8 s with these thresholds and the start-up objects frozen."""
+
+
+def tune_garbage_collector() -> None:
+    """Freeze the objects that exist now (imports, engine, session: they live as long as
+    the process) out of the collector's scans, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass
@@ -74,4 +89,5 @@ async def open_runtime(
             max_url_length=settings.max_url_length,
             metrics=metrics,
         )
+        tune_garbage_collector()
         yield Runtime(settings, database, session, client, metrics)
