@@ -49,9 +49,9 @@ class ListingOutcome:
 MAX_PAGES_AHEAD = 256
 """Pages of one listing requested or received but not yet consumed by its sink (a
 decoded 100-image page is about 300 kB, so at most ~75 MB). A page beyond the window is
-queued for a request slot only when an earlier page is consumed, behind the other
-listings' requests; a smaller window starves a big listing (the benchmark's 400-page
-partition took twice as long with 128)."""
+queued for a request slot only when an earlier page is consumed. (Measured when the
+client still served requests in arrival order: a window of 128 made the benchmark's
+400-page partition take twice as long.)"""
 
 FIRST_PAGE_PRIORITY = -math.inf
 """Every listing's first page goes before other pages: it tells how big the listing is."""
@@ -127,8 +127,8 @@ async def list_pages(
         await past_the_end()
         return outcome
 
-    # Every page is queued for the client at once (its limits pace them, first queued
-    # first served), at most MAX_PAGES_AHEAD of them not yet consumed; a page is dropped
+    # Every page is queued for the client at once (its limits pace them, bigger listings
+    # first), at most MAX_PAGES_AHEAD of them not yet consumed; a page is dropped
     # as soon as ``on_page`` returns. So memory is bounded by the window, not the listing.
     ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
 
