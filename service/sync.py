@@ -459,7 +459,6 @@ async def _record_outside(
 
 
 def _record(report: PartitionReport, run_id: int, started_at: datetime) -> PartitionRecord:
-    c = report.counts
     return PartitionRecord(
         run_id=run_id,
         region_id=report.partition.region,
@@ -467,18 +466,11 @@ def _record(report: PartitionReport, run_id: int, started_at: datetime) -> Parti
         status=report.status,
         started_at=started_at,
         finished_at=datetime.now(UTC),
+        counts=report.counts,
         pages=report.pages,
         api_requests=report.api_requests,
         retries=report.retries,
         total_count=report.total_count,
-        images_seen=c.images_seen,
-        created=c.created,
-        updated=c.updated,
-        unchanged=c.unchanged,
-        went_offline=c.went_offline,
-        came_online=c.came_online,
-        removed=c.removed,
-        reappeared=c.reappeared,
         invalid_items=report.invalid_items,
         error_status=report.error_status,
         error_message=report.error_message,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.errors import DatabaseError
+from service.store.apply import MergeCounts
 from service.store.tables import sync_partitions, sync_runs
 
 RUN_LOCK_SPACE = 0x1D5D
@@ -33,7 +34,7 @@ RUN_IS_LIVE = f"""EXISTS (
 
 @dataclass(frozen=True, slots=True)
 class PartitionRecord:
-    """One row of ``sync_partitions``."""
+    """One row of ``sync_partitions``: the merge's counts and the rest of the outcome."""
 
     run_id: int
     region_id: str
@@ -41,18 +42,11 @@ class PartitionRecord:
     status: str
     started_at: datetime
     finished_at: datetime
+    counts: MergeCounts = field(default_factory=MergeCounts)
     pages: int = 0
     api_requests: int = 0
     retries: int = 0
     total_count: int | None = None
-    images_seen: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    went_offline: int = 0
-    came_online: int = 0
-    removed: int = 0
-    reappeared: int = 0
     invalid_items: int = 0
     error_status: str | None = None
     error_message: str | None = None
@@ -105,6 +99,7 @@ async def finish_run(
 async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
     """Insert one partition outcome (in the caller's transaction)."""
     values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
+    values.update(asdict(values.pop("counts")))
     await conn.execute(sa.insert(sync_partitions).values(**values))
 
 
