@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service import __version__
-from service.config import SOURCES, VARIABLES, Settings, load_settings, redact_url
+from service.config import SOURCES, VARIABLES, Settings, load_settings, redact_url, region_id
 from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
 from service.logs import setup_logging
 
@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="run one sync (--once) and exit 0 (all good) or 1")
     p.add_argument("--once", action="store_true", required=True, help="one run, then exit")
-    p.add_argument("--region", action="append", metavar="R", help="only this region (repeatable)")
+    p.add_argument(
+        "--region",
+        action="append",
+        metavar="R",
+        type=_region_argument,
+        help="only this region (repeatable)",
+    )
     p.add_argument(
         "--source",
         action="append",
@@ -121,8 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = {"endpoint": "http://127.0.0.1:1", "database_url": ""}
         needs_api = args.command in ("sync", "run", "demo")
         settings = load_settings(os.environ, args.config, needs_api=needs_api, **overrides)
-        if args.command == "sync":
-            _check_regions(args.region)
     except ConfigError as exc:
         print(f"image-sync: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -166,11 +170,11 @@ def _url_password(url: str) -> str:
     return urlsplit(url).password or ""
 
 
-def _check_regions(regions: list[str] | None) -> None:
-    if regions:
-        load_settings(
-            {"IMAGE_SYNC_REGIONS": ",".join(regions), "JDCLOUD_ENDPOINT": "http://127.0.0.1"}
-        )
+def _region_argument(value: str) -> str:
+    try:
+        return region_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def _sync(args: argparse.Namespace, settings: Settings) -> int:

@@ -76,6 +76,13 @@ def _none_if_blank(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def region_id(value: Any) -> str:
+    """``value`` when it is a region id like ``cn-north-1``; else ValueError saying so."""
+    if not isinstance(value, str) or not _REGION_RE.match(value):
+        raise ValueError(f"{value!r} is not a region id like cn-north-1")
+    return value
+
+
 class Settings(BaseModel):
     """The validated configuration. Secrets are :class:`SecretStr`, never printed."""
 
@@ -131,10 +138,7 @@ class Settings(BaseModel):
         regions = _split_list(value)
         if not regions:
             raise ValueError("needs at least one region, e.g. cn-north-1")
-        for region in regions:
-            if not isinstance(region, str) or not _REGION_RE.match(region):
-                raise ValueError(f"{region!r} is not a region id like cn-north-1")
-        return tuple(dict.fromkeys(regions))
+        return tuple(dict.fromkeys(region_id(region) for region in regions))
 
     @field_validator("sources", mode="before")
     @classmethod

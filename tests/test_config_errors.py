@@ -138,7 +138,10 @@ def test_bad_usage_exits_2() -> None:
         result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL), *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result)
     result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL), "sync", "--once", "--region", "Bad Region")
-    _assert_one_clear_line(result, "IMAGE_SYNC_REGIONS")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip().splitlines()[-1] == (
+        "image-sync sync: error: argument --region: 'Bad Region' is not a region id like cn-north-1"
+    ), result.stderr
 
 
 def test_unreachable_database_is_one_line() -> None:
