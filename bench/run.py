@@ -17,11 +17,9 @@ import os
 import platform
 import random
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -362,15 +360,10 @@ def postgres_server(url: str | None) -> Iterator[str]:
     else:
         yield SYSTEM_POSTGRES
         return
-    from service.embedded import EmbeddedPostgres
+    from service.embedded import throwaway_postgres
 
-    data = Path(tempfile.mkdtemp(prefix="image-sync-bench-pg-"))
-    server = EmbeddedPostgres(data)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+    with throwaway_postgres("image-sync-bench-pg-") as server:
+        yield server.url
 
 
 @contextmanager

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +70,17 @@ class EmbeddedPostgres:
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)
+
+
+@contextmanager
+def throwaway_postgres(prefix: str) -> Iterator[EmbeddedPostgres]:
+    """A started embedded server in a new temporary directory, stopped and deleted on
+    exit: the benchmark's and the tests' server when no other is given."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    server = EmbeddedPostgres(root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -46,15 +43,10 @@ def pg_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from service.embedded import EmbeddedPostgres
+    from service.embedded import throwaway_postgres
 
-    tmp = Path(tempfile.mkdtemp(prefix="image-sync-test-pg-"))
-    server = EmbeddedPostgres(tmp)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with throwaway_postgres("image-sync-test-pg-") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

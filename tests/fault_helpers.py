@@ -11,11 +11,8 @@
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.check import DATA_CHECKS, check_invariants
-from service.embedded import EmbeddedPostgres
+from service.embedded import EmbeddedPostgres, throwaway_postgres
 
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
@@ -124,9 +121,9 @@ def mutate(catalogue: Any, step: int = 0) -> None:
 class KillablePostgres:
     """An embedded PostgreSQL of one test or module alone, which it may stop and start."""
 
-    def __init__(self, root: Path) -> None:
-        self.embedded = EmbeddedPostgres(root)
-        self.server_url = self.embedded.start()
+    def __init__(self, embedded: EmbeddedPostgres) -> None:
+        self.embedded = embedded
+        self.server_url = embedded.url
 
     @property
     def _server(self) -> Any:
@@ -154,13 +151,9 @@ class KillablePostgres:
 @contextmanager
 def killable_postgres() -> Iterator[KillablePostgres]:
     """A :class:`KillablePostgres` in a temporary directory, stopped and removed after."""
-    root = Path(tempfile.mkdtemp(prefix="image-sync-own-pg-"))
-    pg = KillablePostgres(root)
-    try:
-        yield pg
-    finally:
+    with throwaway_postgres("image-sync-own-pg-") as embedded:
+        pg = KillablePostgres(embedded)
         try:
-            pg.start()  # a test that failed half-way may have left it stopped
+            yield pg
         finally:
-            pg.embedded.stop()
-            shutil.rmtree(root, ignore_errors=True)
+            pg.start()  # a test that failed half-way may have left it stopped
