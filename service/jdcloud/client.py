@@ -525,20 +525,19 @@ def _error_fields(body: bytes) -> tuple[str, str, str | None]:
 
 def _parse_page(body: bytes, region: str) -> Page:
     """Decode a 200 body; anything but the documented shape is :class:`MalformedResponse`."""
+
+    def malformed(reason: str, request_id: str | None = None) -> MalformedResponse:
+        return MalformedResponse(
+            reason, http_status=200, status="MALFORMED", request_id=request_id, region=region
+        )
+
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         snippet = body[:60].decode("utf-8", "replace")
-        raise MalformedResponse(
-            f"body is not JSON ({len(body)} bytes, starts {snippet!r})",
-            http_status=200,
-            status="MALFORMED",
-            region=region,
-        ) from None
+        raise malformed(f"body is not JSON ({len(body)} bytes, starts {snippet!r})") from None
     if not isinstance(data, dict):
-        raise MalformedResponse(
-            "body is not a JSON object", http_status=200, status="MALFORMED", region=region
-        )
+        raise malformed("body is not a JSON object")
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
     error = data.get("error")
     if isinstance(error, dict):
@@ -565,33 +564,15 @@ def _parse_page(body: bytes, region: str) -> Page:
         raise PermanentApiError(message, **kwargs)
     result = data.get("result")
     if not isinstance(result, dict):
-        raise MalformedResponse(
-            "no result object",
-            http_status=200,
-            status="MALFORMED",
-            request_id=request_id,
-            region=region,
-        )
+        raise malformed("no result object", request_id)
     images = result.get("images")
     total = result.get("totalCount")
     if images is None:
         images = []
     if not isinstance(images, list):
-        raise MalformedResponse(
-            "result.images is not a list",
-            http_status=200,
-            status="MALFORMED",
-            request_id=request_id,
-            region=region,
-        )
+        raise malformed("result.images is not a list", request_id)
     if isinstance(total, str) and total.isdigit():
         total = int(total)
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-        raise MalformedResponse(
-            f"result.totalCount is not a count: {total!r:.40}",
-            http_status=200,
-            status="MALFORMED",
-            request_id=request_id,
-            region=region,
-        )
+        raise malformed(f"result.totalCount is not a count: {total!r:.40}", request_id)
     return Page(images, total, request_id)
