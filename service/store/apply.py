@@ -138,6 +138,17 @@ INSERT INTO inventory.image_events
         changed_fields, before, after)
 """
 
+
+def _transition(event_type: str, condition: str) -> str:
+    """The statement writing an offline transition: changed images meeting ``condition``."""
+    return f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}}',
+       jsonb_build_object('offline', d.old_doc -> 'offline'),
+       jsonb_build_object('offline', d.new_doc -> 'offline')
+  FROM stage_diff d
+ WHERE d.kind = 'changed' AND {condition} ORDER BY d.image_id"""
+
+
 # One statement per event type, in the order they are recorded for one image.
 _EVENTS = {
     "created": f"""{_EVENT_INSERT}
@@ -151,18 +162,8 @@ SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_
 SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
        (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc
   FROM stage_diff d WHERE d.kind = 'back' ORDER BY d.image_id""",
-    "went_offline": f"""{_EVENT_INSERT}
-SELECT now(), :run_id, :region, d.image_id, :source, 'went_offline', '{{offline}}',
-       jsonb_build_object('offline', d.old_doc -> 'offline'),
-       jsonb_build_object('offline', d.new_doc -> 'offline')
-  FROM stage_diff d
- WHERE d.kind = 'changed' AND d.is_offline AND NOT d.was_offline ORDER BY d.image_id""",
-    "came_online": f"""{_EVENT_INSERT}
-SELECT now(), :run_id, :region, d.image_id, :source, 'came_online', '{{offline}}',
-       jsonb_build_object('offline', d.old_doc -> 'offline'),
-       jsonb_build_object('offline', d.new_doc -> 'offline')
-  FROM stage_diff d
- WHERE d.kind = 'changed' AND d.was_offline AND NOT d.is_offline ORDER BY d.image_id""",
+    "went_offline": _transition("went_offline", "d.is_offline AND NOT d.was_offline"),
+    "came_online": _transition("came_online", "d.was_offline AND NOT d.is_offline"),
     "updated": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
        (SELECT jsonb_object_agg(k, u.old_doc -> k) FROM unnest(u.fields) k),
