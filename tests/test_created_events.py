@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.normalize import ImageRow, InvalidItem, normalize_image
+from service.normalize import InvalidItem, normalize_image
 from service.simulator.catalogue import Catalogue
 from service.store.apply import _DISK_DOC, PartitionWriter, _doc
 from service.store.runs import release_run, start_run
@@ -52,19 +52,11 @@ ODD_ITEMS: list[dict[str, Any]] = [
 ]
 
 
-def _normalised(items: list[dict[str, Any]]) -> list[ImageRow]:
-    return [normalize_image(item, region_id=REGION, image_source=SOURCE) for item in items]
-
-
-def _items() -> list[dict[str, Any]]:
-    catalogue = Catalogue(seed=41, images=200, regions=(REGION,), sources=(SOURCE,))
-    return catalogue.images(REGION, SOURCE) + ODD_ITEMS
-
-
 async def test_created_events_record_the_stored_image(engine: AsyncEngine) -> None:
     """Each created event's document is the one the merge builds from the stored image."""
-    items = _items()
-    rows = _normalised(items)
+    catalogue = Catalogue(seed=41, images=200, regions=(REGION,), sources=(SOURCE,))
+    items = catalogue.images(REGION, SOURCE) + ODD_ITEMS
+    rows = [normalize_image(item, region_id=REGION, image_source=SOURCE) for item in items]
     async with engine.connect() as lock_conn:
         await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
         run_id = await start_run(lock_conn, trigger="cli")
