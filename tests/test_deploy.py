@@ -171,15 +171,20 @@ def compose() -> dict[str, Any]:
     return doc
 
 
-def test_compose_matches_the_compose_specification() -> None:
-    result = run(
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with the Compose specification's schema."""
+    return run(
         sys.executable,
         "-m",
         "check_jsonschema",
         "--builtin-schema",
         "vendor.compose-spec",
-        str(DEPLOY / "compose.yaml"),
+        str(path),
     )
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    result = check_compose_schema(DEPLOY / "compose.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -189,15 +194,7 @@ def test_compose_schema_check_catches_mistakes(tmp_path: Path, compose: dict[str
     broken["services"]["postgres"]["helthcheck"] = {}
     path = tmp_path / "compose.yaml"
     path.write_text(yaml.safe_dump(broken))
-    result = run(
-        sys.executable,
-        "-m",
-        "check_jsonschema",
-        "--builtin-schema",
-        "vendor.compose-spec",
-        str(path),
-    )
-    assert result.returncode != 0
+    assert check_compose_schema(path).returncode != 0
 
 
 def test_compose_stack_shape(compose: dict[str, Any]) -> None:
