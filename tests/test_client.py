@@ -18,8 +18,8 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Credentials
-from service.errors import TransientApiError
-from service.jdcloud.client import USER_AGENT, ImagesClient, open_session
+from service.errors import PermanentApiError, TransientApiError
+from service.jdcloud.client import USER_AGENT, ImagesClient, RequestStats, open_session
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.runtime import open_runtime
 from service.simulator import Simulator, running_simulator
@@ -316,3 +316,68 @@ async def test_connect_timeout_is_applied() -> None:
         listener.close()
     assert caught.value.status == "TIMEOUT"
     assert 0.25 <= elapsed < 2
+
+
+# --- one classification for an error, however it arrives ------------------------------------
+
+
+@asynccontextmanager
+async def scripted_server(answers: list[tuple[int, dict[str, Any]]]) -> AsyncIterator[str]:
+    """Answers each request with the next (HTTP status, JSON body), then an empty page."""
+    queue = list(answers)
+
+    async def handler(request: web.Request) -> web.Response:
+        if queue:
+            status, body = queue.pop(0)
+            return web.json_response(body, status=status)
+        return web.json_response({"requestId": "r", "result": {"images": [], "totalCount": 0}})
+
+    app = web.Application()
+    app.router.add_get("/v1/regions/{region}/images", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _error_body(code: int, status: str) -> dict[str, Any]:
+    return {"requestId": "r1", "error": {"code": code, "status": status, "message": "slow down"}}
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "transient", "throttled"),
+    [
+        (429, "", True, 1),
+        (429, "RATE_LIMIT", True, 1),
+        (429, "QUOTA_EXCEEDED", False, 0),
+        (503, "", True, 0),
+        (400, "INVALID_ARGUMENT", False, 0),
+    ],
+)
+@pytest.mark.parametrize("carried_by", ["http_status", "error_in_200"])
+async def test_an_error_is_classified_alike_in_a_200_and_as_an_http_status(
+    code: int, status: str, transient: bool, throttled: int, carried_by: str
+) -> None:
+    """The gateway sometimes answers 200 with an error object: its ``code`` is judged
+    exactly as the same HTTP status would be (retried, counted as throttling, or not)."""
+    http_status = code if carried_by == "http_status" else 200
+    async with (
+        scripted_server([(http_status, _error_body(code, status))]) as url,
+        images_client(url, max_attempts=2) as client,
+    ):
+        stats = RequestStats()
+        if transient:
+            page = await client.describe_images("cn-north-1", image_source="private", stats=stats)
+            assert page.total_count == 0
+            assert (stats.requests, stats.retries) == (2, 1)
+        else:
+            with pytest.raises(PermanentApiError) as caught:
+                await client.describe_images("cn-north-1", image_source="private", stats=stats)
+            assert (caught.value.http_status, caught.value.status) == (code, status)
+            assert (stats.requests, stats.retries) == (1, 0)
+    assert stats.throttled == throttled

@@ -69,6 +69,8 @@ RETRY_AFTER_CAP = 120.0
 RATE_WINDOW_MARGIN = 0.01
 """Seconds added to the rate window: our clock and the gateway's tick differently."""
 TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
+TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "SOURCE_UNAVAILABLE"})
+"""``error.status`` values of JD Cloud's common error table that are retried."""
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
 """describeImages' documented ``pageSize`` range."""
 _REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
@@ -427,9 +429,20 @@ class ImagesClient:
                 ) from None
         self._count(region, str(status))
         if status == 200:
-            # Parsed inside the retry loop: a 200 that is HTML, truncated or an error
-            # object (MalformedResponse, transient) is retried like any other.
-            return _parse_page(body, region)
+            # Parsed inside the retry loop: a 200 that is HTML or truncated
+            # (MalformedResponse, transient) is retried like any other.
+            page = _parse_page(body, region)
+            if isinstance(page, _ErrorInBody):
+                raise self._classify(
+                    page.code,
+                    page.status,
+                    page.message,
+                    region=region,
+                    request_id=page.request_id or request_id,
+                    retry_after=retry_after,
+                    stats=stats,
+                )
+            return page
         raise self._error(status, body, region, retry_after, request_id, stats)
 
     def _signed_headers(self, region: str, query: str) -> dict[str, str]:
@@ -467,17 +480,40 @@ class ImagesClient:
         stats: RequestStats,
     ) -> ApiError:
         api_status, message, body_request_id = _error_fields(body)
+        return self._classify(
+            http_status,
+            api_status,
+            message or f"HTTP {http_status}",
+            region=region,
+            request_id=body_request_id or request_id,
+            retry_after=retry_after,
+            stats=stats,
+        )
+
+    def _classify(
+        self,
+        http_status: int,
+        api_status: str,
+        message: str,
+        *,
+        region: str,
+        request_id: str | None,
+        retry_after: float | None,
+        stats: RequestStats,
+    ) -> ApiError:
+        """The one rule for an API error, whether it came as an HTTP status or as an
+        error object inside a 200 (judged by its ``code``): 401/403 end the run,
+        throttling and 5xx are retried (throttling counted), the rest is permanent."""
         kwargs: dict[str, Any] = {
             "http_status": http_status,
             "status": api_status,
-            "request_id": body_request_id or request_id,
+            "request_id": request_id,
             "region": region,
             "retry_after": retry_after,
         }
-        message = message or f"HTTP {http_status}"
         if http_status in (401, 403):
             return AuthError(message, **kwargs)
-        if http_status == 429:
+        if http_status == 429 or api_status == "RATE_LIMIT":
             if api_status == "QUOTA_EXCEEDED":
                 return PermanentApiError(message, **kwargs)
             stats.throttled += 1
@@ -485,7 +521,7 @@ class ImagesClient:
                 self._metrics.api_throttled.labels(region).inc()
             kwargs["status"] = api_status or "RATE_LIMIT"
             return TransientApiError(message, **kwargs)
-        if http_status in TRANSIENT_HTTP:
+        if http_status in TRANSIENT_HTTP or api_status in TRANSIENT_STATUSES:
             return TransientApiError(message, **kwargs)
         return PermanentApiError(message, **kwargs)
 
@@ -523,8 +559,19 @@ def _error_fields(body: bytes) -> tuple[str, str, str | None]:
     )
 
 
-def _parse_page(body: bytes, region: str) -> Page:
-    """Decode a 200 body; anything but the documented shape is :class:`MalformedResponse`."""
+@dataclass(frozen=True, slots=True)
+class _ErrorInBody:
+    """An error object found inside a 200 response (classified by the client)."""
+
+    code: int
+    status: str
+    message: str
+    request_id: str | None
+
+
+def _parse_page(body: bytes, region: str) -> Page | _ErrorInBody:
+    """Decode a 200 body: a page, an error object, or :class:`MalformedResponse` for
+    anything but the documented shapes."""
 
     def malformed(reason: str, request_id: str | None = None) -> MalformedResponse:
         return MalformedResponse(
@@ -541,27 +588,14 @@ def _parse_page(body: bytes, region: str) -> Page:
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
     error = data.get("error")
     if isinstance(error, dict):
-        # A 200 carrying an error object: judge it by the error's own code.
+        # A 200 carrying an error object: the caller judges it by the error's own code.
         code = error.get("code")
-        http_status = code if isinstance(code, int) else 500
-        status = str(error.get("status") or "")
-        message = str(error.get("message") or "error in a 200 response")[:500]
-        kwargs: dict[str, Any] = {
-            "http_status": http_status,
-            "status": status,
-            "request_id": request_id,
-            "region": region,
-        }
-        if http_status in (401, 403):
-            raise AuthError(message, **kwargs)
-        if http_status in TRANSIENT_HTTP or status in (
-            "RATE_LIMIT",
-            "INTERNAL",
-            "UNKNOWN",
-            "UNAVAILABLE",
-        ):
-            raise TransientApiError(message, **kwargs)
-        raise PermanentApiError(message, **kwargs)
+        return _ErrorInBody(
+            code if isinstance(code, int) and not isinstance(code, bool) else 500,
+            str(error.get("status") or ""),
+            str(error.get("message") or "error in a 200 response")[:500],
+            request_id,
+        )
     result = data.get("result")
     if not isinstance(result, dict):
         raise malformed("no result object", request_id)
