@@ -24,6 +24,7 @@ from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.runtime import open_runtime
 from service.simulator import Simulator, running_simulator
 from service.sync import Partition, sync_once
+from tests.local_api import EMPTY_PAGE, local_api
 
 CREDENTIALS = Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
 
@@ -202,19 +203,10 @@ async def recording_server(delay: float) -> AsyncIterator[tuple[str, list[dict[s
             }
         )
         await asyncio.sleep(delay)
-        return web.json_response({"requestId": "r", "result": {"images": [], "totalCount": 0}})
+        return web.json_response(EMPTY_PAGE)
 
-    app = web.Application()
-    app.router.add_get("/v1/regions/{region}/images", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with local_api(handler) as url:
+        yield url, seen
 
 
 async def test_a_request_is_signed_when_it_leaves_not_when_it_queued() -> None:
@@ -330,19 +322,10 @@ async def scripted_server(answers: list[tuple[int, dict[str, Any]]]) -> AsyncIte
         if queue:
             status, body = queue.pop(0)
             return web.json_response(body, status=status)
-        return web.json_response({"requestId": "r", "result": {"images": [], "totalCount": 0}})
+        return web.json_response(EMPTY_PAGE)
 
-    app = web.Application()
-    app.router.add_get("/v1/regions/{region}/images", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with local_api(handler) as url:
+        yield url
 
 
 def _error_body(code: int, status: str) -> dict[str, Any]:
