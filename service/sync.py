@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -209,25 +209,29 @@ async def sync_once(
                 reports.append(report)
                 _observe(metrics, report)
                 progress.partition_finished(report)
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            # Shutdown (cancelled) or a bug in one partition: the partitions in hand roll
+            # back and the run is closed now, not left running until mark_abandoned.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.shield(
-                finish_run(
-                    engine,
-                    run_id,
-                    status="abandoned",
-                    totals=_totals(reports),
-                    error="cancelled (shutdown) before it finished",
+            if isinstance(exc, asyncio.CancelledError):
+                status, why = "abandoned", "cancelled (shutdown) before it finished"
+            else:
+                log.error("run %d: unexpected error", run_id, exc_info=exc)
+                status, why = "failed", f"internal error: {type(exc).__name__}"
+            with suppress(OSError, sa.exc.SQLAlchemyError):
+                await asyncio.shield(
+                    finish_run(
+                        engine, run_id, status=status, totals=_totals(_recorded(reports)), error=why
+                    )
                 )
-            )
             raise
         finally:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         seconds = time.monotonic() - started
-        reports = [r for r in reports if r.status not in _NOT_RECORDED]
+        reports = _recorded(reports)
         status = _run_status(reports, auth_failed=bool(auth_failure))
         totals = _totals(reports)
         try:
@@ -251,18 +255,17 @@ async def sync_once(
             run_id, status, tuple(sorted(reports, key=lambda r: r.partition)), seconds, error
         )
         if auth_failure:
-            raise AuthError(
-                auth_failure[0].message,
-                http_status=auth_failure[0].http_status,
-                status=auth_failure[0].status,
-                request_id=auth_failure[0].request_id,
-                region=auth_failure[0].region,
-            )
+            raise auth_failure[0]  # the client's own error: its cause and retry_after kept
         return result
     finally:
         if run_id is not None:
             await release_run(lock_conn, run_id)
         await lock_conn.close()
+
+
+def _recorded(reports: Sequence[PartitionReport]) -> list[PartitionReport]:
+    """The reports that have a ``sync_partitions`` row (and count in the run's totals)."""
+    return [r for r in reports if r.status not in _NOT_RECORDED]
 
 
 def _run_status(reports: Sequence[PartitionReport], *, auth_failed: bool) -> str:
@@ -327,7 +330,6 @@ async def _sync_partition(
     progress: Progress,
     fresh_within: Callable[[Partition], float] | None = None,
 ) -> PartitionReport:
-    started_at = datetime.now(UTC)
     started = time.monotonic()
     stats = RequestStats()
     staged = _Staged()
@@ -394,7 +396,7 @@ async def _sync_partition(
                     error_message=message,
                 )
                 report = replace(report, seconds=time.monotonic() - started)
-                await record_partition(conn, _record(report, run_id, started_at))
+                await record_partition(conn, _record(report, run_id))
     except AuthError:
         raise
     except ApiError as exc:
@@ -426,7 +428,7 @@ async def _sync_partition(
         )
     report = replace(report, seconds=time.monotonic() - started)
     if report.status in ("failed", "skipped_locked"):
-        await _record_outside(engine, report, run_id, started_at)
+        await _record_outside(engine, report, run_id)
     return report
 
 
@@ -443,13 +445,11 @@ async def _gather_or_cancel(*aws: Coroutine[Any, Any, _T]) -> list[_T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _record_outside(
-    engine: AsyncEngine, report: PartitionReport, run_id: int, started_at: datetime
-) -> None:
+async def _record_outside(engine: AsyncEngine, report: PartitionReport, run_id: int) -> None:
     """Record a failed or skipped partition in its own transaction (best effort)."""
     try:
         async with engine.begin() as conn:
-            await record_partition(conn, _record(report, run_id, started_at))
+            await record_partition(conn, _record(report, run_id))
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         log.error(
             "could not record partition %s: %s",
@@ -458,14 +458,13 @@ async def _record_outside(
         )
 
 
-def _record(report: PartitionReport, run_id: int, started_at: datetime) -> PartitionRecord:
+def _record(report: PartitionReport, run_id: int) -> PartitionRecord:
     return PartitionRecord(
         run_id=run_id,
         region_id=report.partition.region,
         image_source=report.partition.source,
         status=report.status,
-        started_at=started_at,
-        finished_at=datetime.now(UTC),
+        seconds=report.seconds,
         counts=report.counts,
         pages=report.pages,
         api_requests=report.api_requests,

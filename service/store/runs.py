@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,8 +39,9 @@ class PartitionRecord:
     region_id: str
     image_source: str
     status: str
-    started_at: datetime
-    finished_at: datetime
+    seconds: float
+    """How long the partition took (the process's monotonic clock; the database's clock
+    places it: it finished when recorded, and started ``seconds`` before)."""
     counts: MergeCounts = field(default_factory=MergeCounts)
     pages: int = 0
     api_requests: int = 0
@@ -97,9 +97,18 @@ async def finish_run(
 
 
 async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
-    """Insert one partition outcome (in the caller's transaction)."""
+    """Insert one partition outcome (in the caller's transaction).
+
+    Its times come from the database's clock, as the runs' do: a replica whose clock
+    is off neither misplaces the row nor moves the freshness guard
+    (:meth:`~service.store.apply.PartitionWriter.succeeded_within`)."""
     values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
     values.update(asdict(values.pop("counts")))
+    seconds = sa.literal(max(0.0, values.pop("seconds")), sa.Float)
+    values["finished_at"] = sa.func.clock_timestamp()
+    values["started_at"] = sa.func.clock_timestamp() - sa.func.make_interval(
+        0, 0, 0, 0, 0, 0, seconds
+    )
     await conn.execute(sa.insert(sync_partitions).values(**values))
 
 
