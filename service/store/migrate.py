@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import migrations
 from service.errors import SchemaNotCurrent
@@ -66,6 +66,18 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         if not has_schema:
             return None
         return await conn.run_sync(read)
+
+
+async def revision_on(conn: AsyncConnection) -> str | None:
+    """The schema's revision, read on ``conn``; None when it was never migrated (no
+    version table). Any other failure (permission denied, a lost connection) raises."""
+    table = await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": f"{SCHEMA}.alembic_version"})
+    if table is None:
+        return None
+    revision: str | None = await conn.scalar(
+        sa.text(f"SELECT version_num FROM {SCHEMA}.alembic_version")
+    )
+    return revision
 
 
 async def ensure_current(engine: AsyncEngine) -> None:

@@ -118,9 +118,7 @@ async def readiness(context: StatusContext) -> tuple[bool, str]:
     try:
         async with asyncio.timeout(DB_TIMEOUT), context.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-            revision = await conn.scalar(
-                sa.text("SELECT version_num FROM inventory.alembic_version")
-            )
+            revision = await migrate.revision_on(conn)
             if revision != context._head:
                 return False, (
                     f"the database schema is at {revision or 'nothing'}, "
@@ -131,8 +129,8 @@ async def readiness(context: StatusContext) -> tuple[bool, str]:
         return False, f"the database did not answer within {DB_TIMEOUT:g}s"
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         message = describe_error(exc, str(context.engine.url))
-        if isinstance(exc, sa.exc.ProgrammingError):  # no version table: never migrated
-            return False, f"the database schema is at nothing, this release needs {context._head}"
+        if isinstance(exc, sa.exc.ProgrammingError):  # e.g. permission denied: not "unmigrated"
+            return False, f"the database refused the readiness check: {message}"
         return False, f"database unreachable: {message}"
     limit = STALE_AFTER_INTERVALS * context.tick_interval
     if age is None:
