@@ -91,7 +91,6 @@ class Daemon:
         self.tick_interval = min(self.settings.interval_for(s) for s in self.settings.sources)
         self.jitter = min(self.tick_interval * JITTER_FRACTION, MAX_JITTER)
         self.state = DaemonState.CREATED
-        self.last_report: SyncReport | None = None
         self.schema_ok = True
         self._stop = asyncio.Event()
         self._draining = asyncio.Event()
@@ -175,7 +174,6 @@ class Daemon:
         except DatabaseError as exc:
             log.error("tick: %s", exc)
             return None
-        self.last_report = report
         return report
 
     async def _scheduled_tick(self) -> None:

@@ -2,9 +2,9 @@
 
 A :class:`PartitionWriter` lives inside the partition's single transaction:
 
-1. :meth:`PartitionWriter.open` takes the partition's advisory lock (transaction
-   scoped: released on commit, rollback or a dead connection) and creates temporary
-   staging tables that vanish at commit;
+1. :meth:`PartitionWriter.try_lock` takes the partition's advisory lock (transaction
+   scoped: released on commit, rollback or a dead connection), and
+   :meth:`PartitionWriter.open` creates temporary staging tables that vanish at commit;
 2. :meth:`PartitionWriter.stage` COPYs each page's rows into staging as it arrives,
    so a 40,000-image partition is never held in memory;
 3. :meth:`PartitionWriter.merge` compares staging with ``inventory.images`` by content
