@@ -156,10 +156,16 @@ class Settings(BaseModel):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:
+            # Not quoted: user:password@ would echo a secret.
+            raise ValueError(
+                "must not carry credentials (user:password@): the key pair goes in "
+                "JDCLOUD_ACCESS_KEY and JDCLOUD_SECRET_KEY"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http(s) URL like {DEFAULT_ENDPOINT}")
-        if parts.query or parts.fragment or parts.username:
-            raise ValueError("must be a base URL without credentials, query or fragment")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without query or fragment")
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
@@ -276,7 +282,7 @@ def load_settings(
         variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
-        if name not in ("database_url", "secret_key", "security_token") and isinstance(
+        if name not in ("database_url", "secret_key", "security_token", "endpoint") and isinstance(
             value, str | int | float
         ):
             message = f"{message} (got {value!r})"

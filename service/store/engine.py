@@ -9,6 +9,7 @@ a message is :meth:`~service.dburl.DatabaseUrl.display`, which never has the pas
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ CONNECT_ERRORS = (OSError, sa.exc.SQLAlchemyError, asyncpg.InterfaceError, async
 def describe_error(exc: BaseException, url: str = "") -> str:
     """One line about a driver error. It never carries a password: the driver's
     messages do not, and ``url`` (kept for the callers' sake) is not quoted."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate was refused: {exc.verify_message} (sslrootcert?)"
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text and text[0] else type(exc).__name__
 
