@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service import __version__
-from service.config import SOURCES, VARIABLES, Settings, load_settings, region_id
+from service.config import FILE_VARIABLES, SOURCES, VARIABLES, Settings, load_settings, region_id
 from service.dburl import parse_database_url
 from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
 from service.logs import setup_logging
@@ -26,8 +26,10 @@ log = logging.getLogger("service.cli")
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
-_ENV_HELP = "environment variables (a --config TOML file may set the same keys):\n  " + "\n  ".join(
-    VARIABLES
+_ENV_HELP = (
+    "environment variables (a --config TOML file may set the same keys):\n  "
+    + "\n  ".join(VARIABLES)
+    + f"\n{', '.join(FILE_VARIABLES)} may be read from a file named by <NAME>_FILE instead."
 )
 
 

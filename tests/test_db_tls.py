@@ -9,21 +9,19 @@ run it again on the same cluster of its own.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import psycopg
 import pytest
@@ -36,6 +34,7 @@ from cryptography.x509.oid import NameOID
 from service.config import load_settings
 from service.simulator import running_simulator
 from service.store.engine import open_database
+from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "tls-test-password"
@@ -198,19 +197,20 @@ def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgres]:
         yield pg
 
 
-async def _connection_facts(url: str) -> tuple[bool, str]:
-    """(TLS in use, application_name) of a session the service opens on ``url``."""
+SSL_IN_USE = "(SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())"
+
+
+async def _ask(url: str, *expressions: str) -> tuple[Any, ...]:
+    """``SELECT expressions`` in a session the service opens on ``url``."""
     settings = load_settings({"DATABASE_URL": url}, needs_api=False)
     async with open_database(settings, pool_size=1) as database, database.engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.text(
-                    "SELECT ssl, current_setting('application_name')"
-                    " FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-                )
-            )
-        ).one()
-    return bool(row[0]), str(row[1])
+        return tuple((await conn.execute(sa.text(f"SELECT {', '.join(expressions)}"))).one())
+
+
+async def _connection_facts(url: str) -> tuple[bool, str]:
+    """(TLS in use, application_name) of a session the service opens on ``url``."""
+    ssl, name = await _ask(url, SSL_IN_USE, "current_setting('application_name')")
+    return bool(ssl), str(name)
 
 
 async def test_sslmode_require_connects_over_tls(tls_pg: TlsPostgres) -> None:
@@ -226,6 +226,31 @@ async def test_no_sslmode_means_prefer(tls_pg: TlsPostgres) -> None:
     assert await _connection_facts(url) == (True, "mine")
 
 
+async def test_libpq_parameters_reach_the_server(tls_pg: TlsPostgres) -> None:
+    """A host list whose first host is down, target_session_attrs, options and
+    connect_timeout (which must not reach the server as a setting)."""
+    dead = _free_port()
+    url = (
+        f"postgresql://postgres:{PASSWORD}@127.0.0.1:{dead},localhost:{tls_pg.port}/tls"
+        f"?sslmode=verify-full&sslrootcert={tls_pg.ca}&target_session_attrs=read-write"
+        "&options=-c%20search_path%3Dinventory_x&connect_timeout=5&application_name=mine"
+    )
+    facts = await _ask(
+        url, "current_setting('search_path')", "current_setting('application_name')", SSL_IN_USE
+    )
+    assert facts == ("inventory_x", "mine", True)
+
+
+@pytest.mark.parametrize("form", ["query", "percent-encoded"])
+async def test_unix_socket_host(tls_pg: TlsPostgres, form: str) -> None:
+    socket_dir = parse_qs(urlsplit(tls_pg.admin_url).query)["host"][0]
+    if form == "query":
+        url = f"postgresql:///tls?host={socket_dir}&port={tls_pg.port}&user=postgres"
+    else:
+        url = f"postgresql://postgres@{quote(socket_dir, safe='')}:{tls_pg.port}/tls"
+    assert await _connection_facts(url) == (False, "image-sync")
+
+
 async def test_verify_full_with_the_right_ca(tls_pg: TlsPostgres) -> None:
     url = tls_pg.url("localhost", sslmode="verify-full", sslrootcert=str(tls_pg.ca))
     assert (await _connection_facts(url))[0]
@@ -235,16 +260,6 @@ async def test_verify_ca_accepts_another_host_name(tls_pg: TlsPostgres) -> None:
     """verify-ca checks the chain, not the name: 127.0.0.1 with a localhost certificate."""
     url = tls_pg.url("127.0.0.1", sslmode="verify-ca", sslrootcert=str(tls_pg.ca))
     assert (await _connection_facts(url))[0]
-
-
-async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _env(**variables: str) -> dict[str, str]:
@@ -284,7 +299,7 @@ async def test_refused_connection_is_one_line_exit_1(tls_pg: TlsPostgres, case: 
     files = {"CA": str(tls_pg.ca), "OTHER_CA": str(tls_pg.other_ca)}
     params = {k: files.get(v, v) for k, v in params.items()}
     for command in ("migrate", "status"):
-        code, out, err = await _cli(_env(DATABASE_URL=tls_pg.url(host, **params)), command)
+        code, out, err = await run_cli(_env(DATABASE_URL=tls_pg.url(host, **params)), command)
         line = _one_line(err)
         assert code == 1, (command, line)
         assert line.startswith("image-sync: database: cannot connect to "), line
@@ -336,7 +351,7 @@ async def test_least_privilege_migrate_then_sync(tls_pg: TlsPostgres) -> None:
     url = _readme_url(tls_pg)
     env = _env(DATABASE_URL=url)
 
-    code, _out, err = await _cli(env, "migrate")
+    code, _out, err = await run_cli(env, "migrate")
     line = _one_line(err)
     assert code == 1 and "`CREATE ROLE inventory_reader NOLOGIN`" in line, line
     with psycopg.connect(tls_pg.admin_url.replace("/postgres?", "/image_sync?")) as conn:
@@ -344,12 +359,12 @@ async def test_least_privilege_migrate_then_sync(tls_pg: TlsPostgres) -> None:
         assert schemas.fetchone() == (0,), "migrate changed the database before stopping"
 
     tls_pg.admin(reader)
-    code, out, err = await _cli(env, "migrate")
+    code, out, err = await run_cli(env, "migrate")
     assert code == 0, err
     assert "(was empty)" in out and "change-me" not in out + err, out
     async with running_simulator(images=40, seed=3) as sim:
         env = {**env, "JDCLOUD_ENDPOINT": sim.url, "IMAGE_SYNC_REGIONS": "cn-north-1"}
-        code, out, err = await _cli(env, "sync", "--once")
+        code, out, err = await run_cli(env, "sync", "--once")
     assert code == 0, err[-2000:]
     assert re.search(r"succeeded in .*: (\d+)/\1 partitions ok", out), out
     with psycopg.connect(tls_pg.admin_url.replace("/postgres?", "/image_sync?")) as conn:
