@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.dburl import parse_database_url
 from service.errors import DatabaseError
 from service.metrics import Metrics
 from service.runtime import open_runtime
@@ -171,14 +172,28 @@ def _dead_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _login(url: str) -> tuple[str, str, str, str]:
+    """(user, database, host or socket directory, port) of a test database URL."""
+    parsed = parse_database_url(url)
+    return parsed.user, parsed.database, parsed.hosts[0], parsed.ports[0] or "5432"
+
+
+def _query_url(url: str, port: int | None = None, **params: str) -> str:
+    """The same database with host and port in the query (TCP and unix socket alike)."""
+    _user, database, host, own_port = _login(url)
+    query = "&".join(
+        f"{k}={v}" for k, v in {"host": host, "port": port or own_port, **params}.items()
+    )
+    return f"/{database}?{query}"
+
+
 def _secret_forms(
     url: str, tmp: Path, port: int | None = None
 ) -> dict[str, tuple[dict[str, str], list[str]]]:
     """(environment, extra CLI arguments) giving the database password and the API secret
     in each supported way; ``port`` points the database at another (dead) port."""
-    u = make_url(url)
-    where = f"{u.host}:{port or u.port}/{u.database}"
-    user_info = f"postgresql://{u.username}:{DB_PASSWORD}@{where}"
+    user = _login(url)[0]
+    user_info = f"postgresql://{user}:{DB_PASSWORD}@{_query_url(url, port)}"
     (tmp / f"url-{port}").write_text(f"  {user_info}\n")
     (tmp / "secret-key").write_text(SECRET_KEY + "\n")
     (tmp / f"config-{port}.toml").write_text(
@@ -188,10 +203,11 @@ def _secret_forms(
     keys = {"JDCLOUD_ACCESS_KEY": ACCESS_KEY}
     return {
         "?password=, JDCLOUD_SECRET_KEY_FILE": (
-            {"DATABASE_URL": f"postgresql://{u.username}@{where}?password={DB_PASSWORD}",
+            {"DATABASE_URL": f"postgresql://{user}@{_query_url(url, port, password=DB_PASSWORD)}",
              "JDCLOUD_SECRET_KEY_FILE": str(tmp / "secret-key"), **keys}, []),
         "?user=&password=, JDCLOUD_SECRET_KEY": (
-            {"DATABASE_URL": f"postgres://{where}?user={u.username}&password={DB_PASSWORD}",
+            {"DATABASE_URL": "postgres://"
+             + _query_url(url, port, user=user, password=DB_PASSWORD),
              "JDCLOUD_SECRET_KEY": SECRET_KEY, **keys}, []),
         "DATABASE_URL_FILE": (
             {"DATABASE_URL_FILE": str(tmp / f"url-{port}"),
@@ -242,10 +258,12 @@ async def test_endpoint_with_credentials_is_refused_without_echo(cli_env: dict[s
     assert_clean(output, "the JDCLOUD_ENDPOINT error")
 
 
-def _assert_names_no_database(text: str, where: str, url: str) -> None:
-    u = make_url(url)
-    for part in (u.username, u.database, str(u.port), u.host):
-        assert part and part not in text, f"{where} names the database's {part!r}: {text[:300]}"
+def _assert_names_no_database(text: str, where: str, url: str, *, host: bool = False) -> None:
+    """No user, database name, port (nor host, unless ``host``) of ``url`` in ``text``."""
+    user, database, host_name, port = _login(url)
+    ports = (f":{port}", f"port {port}", f"port={port}")  # not the digits inside a number
+    for part in (user, database, *ports, *(() if host else (host_name,))):
+        assert part not in text, f"{where} names the database's {part!r}: {text[:300]}"
 
 
 async def test_running_daemon_pages(
@@ -291,7 +309,8 @@ async def test_unauthenticated_endpoints_while_the_database_is_down(
     from service.store.engine import create_engine
     from service.web.server import StatusContext, serve_status
 
-    down = make_url(secret_db_url).set(port=_dead_port()).render_as_string(False)
+    user = _login(secret_db_url)[0]
+    down = f"postgresql://{user}:{DB_PASSWORD}@{_query_url(secret_db_url, _dead_port())}"
     settings = make_settings(DATABASE_URL=down)
     engine = create_engine(down, pool_size=1)
     context = StatusContext(engine=engine, settings=settings, metrics=Metrics())
@@ -304,9 +323,7 @@ async def test_unauthenticated_endpoints_while_the_database_is_down(
                 if path == "/":
                     assert resp.status == 503 and "unreachable" in body
                     # The status page may name the host, nothing else of the database.
-                    u = make_url(down)
-                    for part in (u.username, u.database, str(u.port)):
-                        assert part and part not in body, (part, body[:300])
+                    _assert_names_no_database(body, path, down, host=True)
                 else:
                     _assert_names_no_database(body, path, down)
                 if path == "/readyz":
