@@ -112,8 +112,10 @@ class TlsPostgres:
     other_ca: Path
 
     def url(self, host: str, database: str = "tls", **params: str) -> str:
+        """The superuser over TCP; the password in the user-info unless ``password=``."""
         query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://postgres:{PASSWORD}@{host}:{self.port}/{database}?{query}"
+        login = "postgres" if "password" in params else f"postgres:{PASSWORD}"
+        return f"postgresql://{login}@{host}:{self.port}/{database}?{query}"
 
     def admin(self, *statements: str, database: str = "postgres") -> None:
         url = re.sub(r"/postgres\?", f"/{database}?", self.admin_url)
@@ -285,6 +287,11 @@ REFUSED = {
         {"sslmode": "verify-full", "sslrootcert": "CA"},
         "not valid for '127.0.0.1'",
     ),
+    "wrong-password": (
+        "localhost",
+        {"sslmode": "verify-full", "sslrootcert": "CA", "password": "not-the-password"},
+        'password authentication failed for user "postgres"',
+    ),
     "disable-against-hostssl-only": (
         "127.0.0.1",
         {"sslmode": "disable"},
@@ -298,8 +305,12 @@ async def test_refused_connection_is_one_line_exit_1(tls_pg: TlsPostgres, case: 
     host, params, expected = REFUSED[case]
     files = {"CA": str(tls_pg.ca), "OTHER_CA": str(tls_pg.other_ca)}
     params = {k: files.get(v, v) for k, v in params.items()}
-    for command in ("migrate", "status"):
-        code, out, err = await run_cli(_env(DATABASE_URL=tls_pg.url(host, **params)), command)
+    # `run` too, on one case: the daemon opens the database the same way.
+    commands = ("migrate", "status", "run") if case == "wrong-ca" else ("migrate", "status")
+    for command in commands:
+        # A loopback endpoint, so `run` needs no keys; it stops at the database first.
+        env = _env(DATABASE_URL=tls_pg.url(host, **params), JDCLOUD_ENDPOINT="http://127.0.0.1:9")
+        code, out, err = await run_cli(env, command)
         line = _one_line(err)
         assert code == 1, (command, line)
         assert line.startswith("image-sync: database: cannot connect to "), line

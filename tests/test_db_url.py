@@ -121,3 +121,14 @@ async def test_secret_file_mistake_through_the_cli() -> None:
         "image-sync: configuration error: DATABASE_URL_FILE: cannot read /nonexistent/url: "
         "No such file or directory\n"
     ), err
+
+
+async def test_unknown_host_is_one_line_exit_1() -> None:
+    """DNS failure (.invalid never resolves): one line naming the URL without password."""
+    url = f"postgresql://app:{PASSWORD}@db.no-such-host.invalid:5432/inv?sslmode=require"
+    code, out, err = await run_cli({**os.environ, "DATABASE_URL": url}, "status")
+    assert code == 1 and err.count("\n") == 1 and not out, err
+    assert err.startswith(
+        "image-sync: database: cannot connect to postgresql://app@db.no-such-host.invalid:5432/inv: "
+    ), err
+    assert PASSWORD not in err
