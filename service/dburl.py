@@ -143,6 +143,8 @@ def _check_values(params: dict[str, str]) -> None:
     timeout = params.get("connect_timeout")
     if timeout is not None and not (timeout.isdigit() and int(timeout) <= 3600):
         raise ValueError(f"connect_timeout={timeout!r} is not a number of seconds (0-3600)")
+    if params.get("sslrootcert") == "system":
+        raise ValueError("sslrootcert=system is not supported: give the CA certificate's file")
     for name in FILE_PARAMETERS:
         path = params.get(name)
         if path and not os.access(os.path.expanduser(path), os.R_OK):

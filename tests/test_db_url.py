@@ -62,6 +62,7 @@ def test_what_asyncpg_is_given() -> None:
         ("target_session_attrs=master", "target_session_attrs='master' is not one of"),
         ("connect_timeout=soon", "connect_timeout='soon' is not a number"),
         ("sslrootcert=/nonexistent/ca.pem", "sslrootcert: cannot read the file /nonexistent"),
+        ("sslrootcert=system", "sslrootcert=system is not supported"),
     ],
 )
 async def test_a_bad_parameter_is_one_line_exit_2(query: str, named: str) -> None:
