@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from service import __version__
-from service.config import SOURCES, VARIABLES, Settings, load_settings, redact_url, region_id
+from service.config import FILE_VARIABLES, SOURCES, VARIABLES, Settings, load_settings, region_id
+from service.dburl import parse_database_url
 from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
 from service.logs import setup_logging
 
@@ -25,8 +26,10 @@ log = logging.getLogger("service.cli")
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
-_ENV_HELP = "environment variables (a --config TOML file may set the same keys):\n  " + "\n  ".join(
-    VARIABLES
+_ENV_HELP = (
+    "environment variables (a --config TOML file may set the same keys):\n  "
+    + "\n  ".join(VARIABLES)
+    + f"\n{', '.join(FILE_VARIABLES)} may be read from a file named by <NAME>_FILE instead."
 )
 
 
@@ -135,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.security_token.get_secret_value() if settings.security_token else "",
     ]
     if settings.database_url:
-        secrets.append(_url_password(settings.database_url.get_secret_value()))
+        # The password however given: user-info, ?password=, or inside DATABASE_URL_FILE.
+        secrets.append(parse_database_url(settings.database_url.get_secret_value()).password)
     redactor = setup_logging(
         log_format=settings.log_format, level=settings.log_level, secrets=secrets
     )
@@ -162,12 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImageSyncError as exc:
         print(redactor.redact(f"image-sync: {exc}"), file=sys.stderr)
         return 1
-
-
-def _url_password(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).password or ""
 
 
 def _region_argument(value: str) -> str:
@@ -222,8 +220,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         before = await migrate.current_revision(database.engine)
         await migrate.upgrade(database.engine)
         after = await migrate.current_revision(database.engine)
-    where = redact_url(database.url)
-    print(f"schema at {after} (was {before or 'empty'}) in {where}")
+    print(f"schema at {after} (was {before or 'empty'}) in {database.display_url}")
     return 0
 
 

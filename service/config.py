@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from service.dburl import parse_database_url
 from service.errors import ConfigError
 
 SOURCES: tuple[str, ...] = ("public", "thirdparty", "private", "shared", "community")
@@ -155,10 +156,16 @@ class Settings(BaseModel):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:
+            # Not quoted: user:password@ would echo a secret.
+            raise ValueError(
+                "must not carry credentials (user:password@): the key pair goes in "
+                "JDCLOUD_ACCESS_KEY and JDCLOUD_SECRET_KEY"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http(s) URL like {DEFAULT_ENDPOINT}")
-        if parts.query or parts.fragment or parts.username:
-            raise ValueError("must be a base URL without credentials, query or fragment")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without query or fragment")
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
@@ -168,19 +175,8 @@ class Settings(BaseModel):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
-            return None
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
-            raise ValueError(
-                "must be a postgresql:// URL, e.g. postgresql://user:password@host:5432/db"
-            )
-        try:
-            parts.port  # noqa: B018
-        except ValueError:
-            raise ValueError("has a bad port") from None
-        if not parts.path.strip("/") and "host=" not in parts.query:
-            raise ValueError("names no database, e.g. postgresql://host:5432/inventory")
+        if value is not None:
+            parse_database_url(value.get_secret_value())
         return value
 
     @field_validator("http")
@@ -240,7 +236,7 @@ class Settings(BaseModel):
         for variable, name in VARIABLES.items():
             value = getattr(self, name)
             if name == "database_url" and value is not None:
-                out[variable] = redact_url(value.get_secret_value())
+                out[variable] = parse_database_url(value.get_secret_value()).display()
             elif isinstance(value, SecretStr):
                 out[variable] = "********"
             elif isinstance(value, tuple):
@@ -259,11 +255,6 @@ class Credentials:
     security_token: str | None = field(default=None, repr=False)
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def load_settings(
     environ: Mapping[str, str],
     config_file: Path | str | None = None,
@@ -280,6 +271,7 @@ def load_settings(
     raw: dict[str, Any] = {}
     if config_file is not None:
         raw.update(_read_toml(Path(config_file)))
+    environ = {**environ, **_read_secret_files(environ)}
     raw.update({VARIABLES[name]: value for name, value in environ.items() if name in VARIABLES})
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -290,7 +282,7 @@ def load_settings(
         variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
-        if name not in ("database_url", "secret_key", "security_token") and isinstance(
+        if name not in ("database_url", "secret_key", "security_token", "endpoint") and isinstance(
             value, str | int | float
         ):
             message = f"{message} (got {value!r})"
@@ -311,6 +303,27 @@ def load_settings(
                 "JDCLOUD_SECRET_KEY", f"required for the endpoint {settings.endpoint}"
             )
     return settings
+
+
+FILE_VARIABLES = ("DATABASE_URL", "JDCLOUD_ACCESS_KEY", "JDCLOUD_SECRET_KEY")
+"""Variables that may instead be read from a mounted file named by ``<NAME>_FILE``."""
+
+
+def _read_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
+    """``DATABASE_URL`` from ``DATABASE_URL_FILE`` and so on: each file's text, stripped."""
+    out: dict[str, str] = {}
+    for name in FILE_VARIABLES:
+        path = environ.get(f"{name}_FILE")
+        if not path:
+            continue
+        if environ.get(name):
+            raise ConfigError(f"{name}_FILE", f"set only one of {name} and {name}_FILE")
+        try:
+            out[name] = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+            raise ConfigError(f"{name}_FILE", f"cannot read {path}: {reason}") from None
+    return out
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

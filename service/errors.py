@@ -15,7 +15,7 @@ so callers never catch aiohttp, asyncpg or pydantic types::
         └── AuthError            401/403: fails the whole run with one clear line
 
 Messages never contain a secret: the access key secret and database passwords are
-redacted before they reach an exception (see :func:`service.config.redact_url`).
+kept out of them (a database URL is shown as :meth:`service.dburl.DatabaseUrl.display`).
 """
 
 from __future__ import annotations

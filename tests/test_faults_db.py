@@ -26,12 +26,12 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
-from service.store.engine import async_url, create_engine
+from service.store.engine import create_engine
 from service.sync import Partition, PartitionReport, Progress, SyncReport, sync_once
 from tests.fault_helpers import (
     KillablePostgres,
@@ -249,13 +249,7 @@ async def _nothing() -> AsyncIterator[None]:
 async def test_pool_exhaustion(engine: AsyncEngine, make_settings: Any, database_url: str) -> None:
     """A pool of 2 (one taken by the run's liveness lock) for 8 partitions in flight,
     with a short checkout timeout and slow API pages: partitions time out waiting."""
-    small = create_async_engine(
-        async_url(database_url),
-        pool_size=2,
-        max_overflow=0,
-        pool_timeout=0.3,
-        connect_args={"server_settings": {"application_name": "image-sync"}},
-    )
+    small = create_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=0.3)
     try:
         report = await _fault_then_recover(
             engine, small, make_settings, database_url, sim_faults={"latency_ms": 150}

@@ -2,41 +2,41 @@
 
 :func:`open_database` resolves the URL (``DATABASE_URL`` or the embedded server),
 builds the engine, checks the server answers, and disposes of both on exit.
-Driver errors are translated into :class:`~service.errors.DatabaseError` with the
-password redacted.
+Driver errors are translated into :class:`~service.errors.DatabaseError`; the URL in
+a message is :meth:`~service.dburl.DatabaseUrl.display`, which never has the password.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from service.config import Settings, redact_url
+from service.config import Settings
+from service.dburl import DatabaseUrl, parse_database_url
 from service.embedded import EmbeddedPostgres
 from service.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
-APPLICATION_NAME = "image-sync"
+# The driver's own errors at connect time, besides the ones SQLAlchemy wraps:
+# socket/DNS/TLS failures (OSError, ssl.SSLError), asyncpg's client-side checks.
+CONNECT_ERRORS = (OSError, sa.exc.SQLAlchemyError, asyncpg.InterfaceError, asyncpg.PostgresError)
 
 
-def async_url(url: str) -> sa.URL:
-    """A ``postgresql://`` URL as SQLAlchemy's asyncpg URL."""
-    parsed = make_url(url)
-    return parsed.set(drivername="postgresql+asyncpg")
-
-
-def describe_error(exc: BaseException, url: str) -> str:
-    """One line about a driver error, without the password."""
+def describe_error(exc: BaseException, url: str = "") -> str:
+    """One line about a driver error. It never carries a password: the driver's
+    messages do not, and ``url`` (kept for the callers' sake) is not quoted."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate was refused: {exc.verify_message} (sslrootcert?)"
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return redact_url(f"{first} (database {redact_url(url)})")
+    return text[0] if text and text[0] else type(exc).__name__
 
 
 @dataclass
@@ -44,22 +44,31 @@ class Database:
     """The engine and, when it started one, the embedded server behind it."""
 
     engine: AsyncEngine
-    url: str
+    url: DatabaseUrl
     embedded: EmbeddedPostgres | None = None
 
     @property
     def display_url(self) -> str:
-        return redact_url(self.url)
+        return self.url.display()
 
 
-def create_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0) -> AsyncEngine:
+def create_engine(
+    url: str | DatabaseUrl,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    pool_timeout: float = 60,
+    statement_timeout: float = 0,
+) -> AsyncEngine:
+    """The engine on ``url`` (a libpq URL, see :mod:`service.dburl`)."""
+    target = url if isinstance(url, DatabaseUrl) else parse_database_url(url)
     # JIT compiles a merge's plan for about a second whenever stale statistics make it
     # look expensive (right after a first sync), for no gain on these statements.
     # UTC: timestamps inside the jsonb history documents are written the same way
     # whatever the server's TimeZone. work_mem: a 40,000-image merge sorts its created
     # events in memory instead of spilling 45 MB to disk.
     server_settings = {
-        "application_name": APPLICATION_NAME,
+        "application_name": target.application_name,
         "jit": "off",
         "temp_buffers": "64MB",
         "work_mem": "64MB",
@@ -67,13 +76,19 @@ def create_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0
     }
     if statement_timeout:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
+    # The URL goes to asyncpg whole (``dsn``), not through SQLAlchemy's URL: asyncpg
+    # applies libpq's sslmode, sslrootcert, host lists, unix sockets, etc.
     return create_async_engine(
-        async_url(url),
+        "postgresql+asyncpg://",
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True,
-        pool_timeout=60,
-        connect_args={"server_settings": server_settings, "timeout": 10},
+        pool_timeout=pool_timeout,
+        connect_args={
+            "dsn": target.dsn,
+            "server_settings": server_settings,
+            "timeout": target.connect_timeout,
+        },
     )
 
 
@@ -82,17 +97,19 @@ async def open_database(settings: Settings, *, pool_size: int = 10) -> AsyncIter
     """Yield a ready :class:`Database`; dispose of it (and stop an embedded server) on exit."""
     embedded: EmbeddedPostgres | None = None
     if settings.database_url is not None:
-        url = settings.database_url.get_secret_value()
+        url = parse_database_url(settings.database_url.get_secret_value())
     else:
         embedded = EmbeddedPostgres(settings.data_dir)
-        url = await embedded.astart()
+        url = parse_database_url(await embedded.astart())
     engine = create_engine(url, pool_size=pool_size, statement_timeout=settings.statement_timeout)
     try:
         try:
             async with engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
-        except (OSError, sa.exc.SQLAlchemyError) as exc:
-            raise DatabaseError(f"cannot connect: {describe_error(exc, url)}") from None
+        except CONNECT_ERRORS as exc:
+            raise DatabaseError(
+                f"cannot connect to {url.display()}: {describe_error(exc)}"
+            ) from None
         yield Database(engine, url, embedded)
     finally:
         await engine.dispose()

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import migrations
-from service.errors import SchemaNotCurrent
+from service.errors import DatabaseError, SchemaNotCurrent
 from service.store.tables import SCHEMA
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
@@ -45,8 +45,31 @@ async def _run(engine: AsyncEngine, fn: str, *args: str) -> None:
         await conn.run_sync(run)
 
 
+READER_ROLE = "inventory_reader"
+
+_MAY_NOT_CREATE_READER = sa.text(
+    "SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :reader)"
+    "   AND NOT (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user)"
+)
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Upgrade the schema (idempotent)."""
+    """Upgrade the schema (idempotent).
+
+    Checks first that the migrations can run to the end: a role that owns its database
+    but may not create roles stops here, before any change, when ``inventory_reader``
+    is missing (raises :class:`DatabaseError` naming the statement an administrator
+    runs), instead of failing half-way through a migration."""
+    if await current_revision(engine) != head_revision():
+        async with engine.connect() as conn:
+            if await conn.scalar(_MAY_NOT_CREATE_READER, {"reader": READER_ROLE}):
+                user = await conn.scalar(sa.text("SELECT current_user"))
+                raise DatabaseError(
+                    f"role {READER_ROLE} does not exist and {user} may not create it "
+                    f"(not superuser, no CREATEROLE); nothing was changed: an administrator "
+                    f"runs `CREATE ROLE {READER_ROLE} NOLOGIN` once, then `image-sync migrate` "
+                    "again (docs/operations.md, Database and roles)"
+                )
     await _run(engine, "upgrade", revision)
 
 

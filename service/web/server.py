@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
+from service.dburl import parse_database_url
 from service.errors import ConfigError
 from service.metrics import Metrics
 from service.store import migrate
@@ -128,16 +129,29 @@ async def readiness(context: StatusContext) -> tuple[bool, str]:
     except TimeoutError:
         return False, f"the database did not answer within {DB_TIMEOUT:g}s"
     except (OSError, sa.exc.SQLAlchemyError) as exc:
-        message = describe_error(exc, str(context.engine.url))
+        # Unauthenticated: the kind of failure only. The driver's message may name the
+        # host, port, user or database; the daemon's log has it.
+        kind = f"{_error_kind(exc)}; the daemon's log has the cause"
         if isinstance(exc, sa.exc.ProgrammingError):  # e.g. permission denied: not "unmigrated"
-            return False, f"the database refused the readiness check: {message}"
-        return False, f"database unreachable: {message}"
+            return False, f"the database refused the readiness check ({kind})"
+        return False, f"database unreachable ({kind})"
     limit = STALE_AFTER_INTERVALS * context.tick_interval
     if age is None:
         return False, "no partition has synced successfully yet"
     if age > limit:
         return False, f"the last successful sync was {age:.0f}s ago (limit {limit:g}s)"
     return True, f"the last successful sync was {age:.0f}s ago"
+
+
+def _error_kind(exc: BaseException) -> str:
+    """The driver's error class, e.g. ConnectionRefusedError: says what, names nothing."""
+    return type(getattr(exc, "orig", None) or exc).__name__
+
+
+def _database_host(settings: Settings) -> str:
+    if settings.database_url is None:
+        return "the embedded server"
+    return parse_database_url(settings.database_url.get_secret_value()).host_names
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -183,7 +197,8 @@ async def status_page(request: web.Request) -> web.Response:
     except TimeoutError:
         error = f"the database did not answer within {DB_TIMEOUT:g}s"
     except (OSError, sa.exc.SQLAlchemyError) as exc:
-        error = f"database unreachable: {describe_error(exc, str(context.engine.url))}"
+        # The page may name the database host, nothing more (no user, port or database).
+        error = f"database at {_database_host(context.settings)} unreachable ({_error_kind(exc)})"
     html = render_page(
         page_data,
         settings=context.settings,
