@@ -180,10 +180,17 @@ def _region_argument(value: str) -> str:
 async def _sync(args: argparse.Namespace, settings: Settings) -> int:
     from service.progress import progress_for_terminal
     from service.runtime import open_runtime
+    from service.store.registry import register_configuration
     from service.sync import sync_once
 
     async with open_runtime(settings, apply_migrations=args.migrate) as rt:
         partitions = rt.partitions(args.region, args.source)
+        if not args.region and not args.source:
+            # The configured partitions; a --region/--source run is a one-off and leaves
+            # the registry (what health shows) alone.
+            await register_configuration(
+                rt.database.engine, [(p.region, p.source) for p in partitions]
+            )
         with progress_for_terminal(partitions) as progress:
             report = await sync_once(
                 rt.database.engine,

@@ -54,6 +54,7 @@ from service.metrics import Metrics
 from service.runtime import Runtime, open_runtime
 from service.store import migrate
 from service.store.engine import describe_error
+from service.store.registry import register_configuration
 from service.store.runs import mark_abandoned
 from service.sync import Partition, SyncReport, sync_once
 
@@ -318,6 +319,9 @@ async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> i
             if abandoned:
                 log.info("marked %d run(s) of stopped processes as abandoned", abandoned)
             daemon = Daemon(runtime)
+            await register_configuration(
+                runtime.database.engine, [(p.region, p.source) for p in daemon.partitions]
+            )
             if early_stop.is_set():
                 daemon.request_stop()
             address = settings.http_address

@@ -30,6 +30,9 @@ SELECT region_id, image_source, sum(images)::bigint AS images,
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "never"
+    # A success recorded while the clock read the age (or a clock a little behind the
+    # database's) gives a tiny negative age: show 0s, never "-0s".
+    seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
@@ -55,7 +58,12 @@ async def print_status(
         error = f"{r.last_error_status}: {r.last_error_message}" if r.last_error_status else ""
         success = r.last_success_at.isoformat(timespec="seconds") if r.last_success_at else "never"
         health.add_row(
-            r.region_id, r.image_source, r.last_status, success, _age(r.age_seconds), error
+            r.region_id,
+            r.image_source,
+            r.last_status or "not synced",
+            success,
+            _age(r.age_seconds),
+            error,
         )
     console.print(health)
 

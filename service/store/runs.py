@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -98,9 +99,19 @@ async def finish_run(
 
 async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
     """Insert one partition outcome (in the caller's transaction)."""
-    values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
-    values.update(asdict(values.pop("counts")))
-    await conn.execute(sa.insert(sync_partitions).values(**values))
+    await record_partitions(conn, [record])
+
+
+async def record_partitions(conn: AsyncConnection, records: Sequence[PartitionRecord]) -> None:
+    """Insert partition outcomes in one multi-row statement (in the caller's transaction)."""
+    if not records:
+        return
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
+        values.update(asdict(values.pop("counts")))
+        rows.append(values)
+    await conn.execute(sa.insert(sync_partitions).values(rows))
 
 
 async def mark_abandoned(engine: AsyncEngine) -> int:
