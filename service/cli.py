@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_migrate)
 
     p = sub.add_parser("status", help="partition health and recent runs as a table")
-    p.add_argument("--runs", type=int, default=10, help="how many recent runs to show")
+    p.add_argument(
+        "--runs", type=_count_argument, default=10, help="how many recent runs to show (>= 0)"
+    )
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("check", help="verify the database invariants; exit 1 on any failure")
@@ -126,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The demo brings its own simulator and throwaway embedded database.
             overrides = {"endpoint": "http://127.0.0.1:1", "database_url": ""}
         needs_api = args.command in ("sync", "run", "demo")
-        settings = load_settings(os.environ, args.config, needs_api=needs_api, **overrides)
+        settings = load_settings(
+            os.environ, args.config, needs_api=needs_api, warn=_warn, **overrides
+        )
     except ConfigError as exc:
         print(f"image-sync: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -168,6 +172,20 @@ def _url_password(url: str) -> str:
     from urllib.parse import urlsplit
 
     return urlsplit(url).password or ""
+
+
+def _count_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative; give 0 or more")
+    return count
+
+
+def _warn(line: str) -> None:
+    print(f"image-sync: warning: {line}", file=sys.stderr)
 
 
 def _region_argument(value: str) -> str:
@@ -273,7 +291,12 @@ async def _schema_doc(args: argparse.Namespace, settings: Settings) -> int:
     if str(args.output) == "-":
         sys.stdout.write(text)
     else:
-        args.output.write_text(text, encoding="utf-8")
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:  # e.g. run outside the repository: no docs/ here
+            raise ConfigError(
+                "--output", f"cannot write {args.output}: {exc.strerror or exc} (use --output -)"
+            ) from None
         print(f"wrote {args.output}")
     return 0
 

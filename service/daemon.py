@@ -55,7 +55,7 @@ from service.runtime import Runtime, open_runtime
 from service.store import migrate
 from service.store.engine import describe_error
 from service.store.registry import register_configuration
-from service.store.runs import mark_abandoned
+from service.store.runs import mark_abandoned, prune_runs
 from service.sync import Partition, SyncReport, sync_once
 
 __all__ = ["Daemon", "DaemonState", "run_daemon"]
@@ -144,6 +144,13 @@ class Daemon:
         try:
             await migrate.ensure_current(engine)
             self.schema_ok = True
+            pruned = await prune_runs(engine, self.settings.keep_runs_days)
+            if pruned:
+                log.info(
+                    "pruned %d run(s) older than %d days (IMAGE_SYNC_KEEP_RUNS_DAYS)",
+                    pruned,
+                    self.settings.keep_runs_days,
+                )
             due = await self.due_partitions(cutoffs)
         except SchemaNotCurrent as exc:
             if self.schema_ok:

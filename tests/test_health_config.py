@@ -240,3 +240,55 @@ async def test_images_as_of_null_is_an_error(engine: AsyncEngine) -> None:
         ) == 0
         with pytest.raises(sa.exc.DBAPIError, match="ts is NULL"):
             await conn.execute(sa.text("SELECT * FROM inventory.images_as_of(NULL)"))
+
+
+# --- bookkeeping retention ---------------------------------------------------------------
+
+
+async def test_the_daemon_prunes_old_runs_that_no_event_references(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO inventory.sync_runs (run_id, started_at, status, trigger, host, pid) "
+                "OVERRIDING SYSTEM VALUE SELECT r, now() - make_interval(days => d), "
+                "'failed', 'schedule', 'h', 1 FROM (VALUES (101, 100), (102, 100), (103, 100), "
+                "(104, 100), (105, 30)) v(r, d)"
+            )
+        )
+        # 101: old, unreferenced -> pruned. 102: an event names it. 103: the latest success
+        # of cn-west-9/shared. 104: old, an older success -> pruned. 105: only 30 days old.
+        await conn.execute(
+            sa.text(
+                "INSERT INTO inventory.sync_partitions "
+                "(run_id, region_id, image_source, status, started_at, finished_at) VALUES "
+                "(101, 'cn-north-1', 'private', 'failed', now(), now() - interval '100 days'), "
+                "(103, 'cn-west-9', 'shared', 'succeeded', now(), now() - interval '99 days'), "
+                "(104, 'cn-west-9', 'shared', 'succeeded', now(), now() - interval '100 days'), "
+                "(105, 'cn-north-1', 'private', 'failed', now(), now() - interval '30 days')"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO inventory.image_events "
+                "(occurred_at, sync_run_id, region_id, image_id, image_source, event_type) "
+                "VALUES (now() - interval '100 days', 102, 'cn-north-1', 'img-x', 'private', "
+                "'created')"
+            )
+        )
+    settings = make_settings(
+        IMAGE_SYNC_REGIONS="cn-north-1",
+        IMAGE_SYNC_SOURCES="private",
+        IMAGE_SYNC_MAX_ATTEMPTS="1",
+        IMAGE_SYNC_KEEP_RUNS_DAYS="90",
+    )
+    async with open_runtime(settings) as runtime:
+        await Daemon(runtime).tick(aligned=False)  # nothing listens: the sync fails fast
+    async with engine.connect() as conn:
+        runs = set((await conn.scalars(sa.text("SELECT run_id FROM inventory.sync_runs"))).all())
+        orphans = await conn.scalar(
+            sa.text("SELECT count(*) FROM inventory.sync_partitions WHERE run_id IN (101, 104)")
+        )
+    assert {102, 103, 105} <= runs and not runs & {101, 104}
+    assert len(runs) == 4 and orphans == 0  # and the tick's own run

@@ -129,3 +129,29 @@ async def mark_abandoned(engine: AsyncEngine) -> int:
             )
         )
         return result.rowcount
+
+
+_PRUNE = """
+DELETE FROM inventory.sync_runs r
+ WHERE r.started_at < now() - make_interval(days => :days)
+   AND r.status <> 'running'
+   -- events are never pruned, and they keep the run they name
+   AND NOT EXISTS (SELECT 1 FROM inventory.image_events e WHERE e.sync_run_id = r.run_id)
+   -- a partition's latest success stays, or sync_health would say "never"
+   AND NOT EXISTS (
+        SELECT 1 FROM inventory.sync_partitions p
+         WHERE p.run_id = r.run_id AND p.status = 'succeeded'
+           AND p.finished_at = (SELECT max(q.finished_at) FROM inventory.sync_partitions q
+                                 WHERE q.region_id = p.region_id
+                                   AND q.image_source = p.image_source
+                                   AND q.status = 'succeeded'))
+"""
+
+
+async def prune_runs(engine: AsyncEngine, keep_days: int) -> int:
+    """Delete the runs (and, by cascade, their ``sync_partitions`` rows) that started more
+    than ``keep_days`` days ago, unless an event references them or they hold a
+    partition's latest success. One set-based statement; returns the runs deleted."""
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.text(_PRUNE), {"days": keep_days})
+        return result.rowcount

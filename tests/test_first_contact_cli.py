@@ -1,0 +1,140 @@
+"""A new user's mistakes through the real CLI (issue 12): one line, the right exit code,
+no traceback, no secret; unknown variables named with the closest known one."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import VARIABLES, check_variable_names, known_variables
+from service.errors import ConfigError
+from tests.test_config_errors import LOCAL, _assert_one_clear_line, _cli, _env
+
+UNREACHABLE_DB = "postgresql://u@127.0.0.1:1/inventory"
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """stderr without the JSON log records: what a person reads."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    ("typo", "closest"),
+    [
+        ("IMAGE_SYNC_INTERVL", "IMAGE_SYNC_INTERVAL"),
+        ("IMAGE_SYNC_INTERVAL_PUBLIK", "IMAGE_SYNC_INTERVAL_PUBLIC"),
+        ("IMAGE_SYNC_KEEP_RUN_DAYS", "IMAGE_SYNC_KEEP_RUNS_DAYS"),
+    ],
+)
+def test_an_unknown_image_sync_variable_names_the_closest_known_one(
+    typo: str, closest: str
+) -> None:
+    result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL, **{typo: "60"}), "sync", "--once")
+    _assert_one_clear_line(result, typo)
+    assert f"did you mean {closest}?" in result.stderr
+
+
+def test_an_unknown_jdcloud_variable_is_a_warning_only() -> None:
+    env = _env(JDCLOUD_ENDPOINT=LOCAL, JDCLOUD_REGION="cn-north-1", DATABASE_URL=UNREACHABLE_DB)
+    result = _cli(env, "status")
+    lines = plain_lines(result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("image-sync: warning: JDCLOUD_REGION: not a variable"), lines
+    assert lines[1].startswith("image-sync: database: cannot connect"), lines
+
+
+def test_known_names_come_from_the_settings_model_with_their_file_forms() -> None:
+    known = known_variables()
+    assert set(VARIABLES) <= known
+    assert {"DATABASE_URL_FILE", "JDCLOUD_ACCESS_KEY_FILE", "JDCLOUD_SECRET_KEY_FILE"} <= known
+    assert "IMAGE_SYNC_INTERVAL_PRIVATE" in known and "IMAGE_SYNC_INTERVAL_PUBLIK" not in known
+    warnings: list[str] = []
+    check_variable_names(
+        {"JDCLOUD_SECRET_KEY_FILE": "/run/secrets/sk", "IMAGE_SYNC_IMAGE": "x", "PATH": "/bin"},
+        warnings.append,
+    )
+    assert warnings == []
+    with pytest.raises(ConfigError, match="IMAGE_SYNC_INTERVAL_PUBLIK"):
+        check_variable_names({"IMAGE_SYNC_INTERVAL_PUBLIK": "60"}, warnings.append)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IMAGE_SYNC_INTERVAL", "inf"),
+        ("IMAGE_SYNC_INTERVAL", "nan"),
+        ("IMAGE_SYNC_INTERVAL", "99999999999999999999"),
+        ("IMAGE_SYNC_INTERVAL", "0.001"),
+        ("IMAGE_SYNC_INTERVAL", "true"),
+        ("IMAGE_SYNC_INTERVAL_PRIVATE", "5"),
+        ("IMAGE_SYNC_GRACE_PERIOD", "inf"),
+        ("IMAGE_SYNC_CONCURRENCY", "false"),
+    ],
+)
+def test_run_refuses_numbers_out_of_range_with_one_line(variable: str, value: str) -> None:
+    result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL, **{variable: value}), "run")
+    _assert_one_clear_line(result, variable)
+
+
+@pytest.mark.parametrize(
+    ("text", "variable"),
+    [
+        ("IMAGE_SYNC_INTERVAL = true\n", "IMAGE_SYNC_INTERVAL"),
+        ("IMAGE_SYNC_PAGE_SIZE = false\n", "IMAGE_SYNC_PAGE_SIZE"),
+        ("IMAGE_SYNC_INTERVL = 60\n", "did you mean IMAGE_SYNC_INTERVAL?"),
+    ],
+)
+def test_toml_booleans_and_unknown_keys_are_refused(
+    tmp_path: Path, text: str, variable: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL), "--config", str(path), "run")
+    _assert_one_clear_line(result, variable)
+
+
+@pytest.mark.parametrize("variable", ["JDCLOUD_ACCESS_KEY", "JDCLOUD_SECRET_KEY"])
+def test_a_control_character_in_a_key_names_the_variable_not_the_value(variable: str) -> None:
+    keys = {"JDCLOUD_ACCESS_KEY": "AKvisible01", "JDCLOUD_SECRET_KEY": "SKvisible02"}
+    keys[variable] = keys[variable][:5] + "\n" + keys[variable][5:]
+    result = _cli(_env(JDCLOUD_ENDPOINT=LOCAL, **keys), "sync", "--once")
+    _assert_one_clear_line(result, variable)
+    assert "visible" not in result.stderr + result.stdout
+
+
+def test_status_with_negative_runs_is_a_usage_error() -> None:
+    result = _cli(
+        _env(JDCLOUD_ENDPOINT=LOCAL, DATABASE_URL=UNREACHABLE_DB), "status", "--runs", "-1"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "image-sync status: error: argument --runs: '-1' is negative; give 0 or more"
+    )
+
+
+def test_schema_doc_outside_the_repository_is_one_line(
+    engine: object, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "schema-doc"],
+        env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    _assert_one_clear_line(result, "--output")
+    assert "docs/schema.md" in result.stderr and "--output -" in result.stderr
+
+
+def test_a_busy_status_port_exits_1_with_one_line(engine: object, cli_env: dict[str, str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**cli_env, "JDCLOUD_ENDPOINT": LOCAL, "IMAGE_SYNC_HTTP": f"127.0.0.1:{port}"}
+        result = _cli(env, "run")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = plain_lines(result.stderr)
+    assert line.startswith(f"image-sync: IMAGE_SYNC_HTTP: cannot listen on 127.0.0.1:{port}")
