@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -74,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs", type=_count_argument, default=10, help="how many recent runs to show (>= 0)"
     )
+    p.add_argument("--json", action="store_true", help="one JSON document (keys: README.md)")
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("check", help="verify the database invariants; exit 1 on any failure")
+    p.add_argument("--json", action="store_true", help='{"ok": bool, "problems": [...]}')
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("schema-doc", help="write docs/schema.md from the live database comments")
@@ -220,9 +223,13 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> int:
                 progress=progress,
             )
     bad = [p for p in report.partitions if p.status in ("failed", "incomplete")]
+    synced = sum(p.status == "succeeded" for p in report.partitions)
+    locked = sum(p.status == "skipped_locked" for p in report.partitions)
+    # skipped_locked partitions were synced by another process, not by this run.
+    skipped = f", {locked} skipped_locked (another process held them)" if locked else ""
     print(
         f"run {report.run_id} {report.status} in {report.seconds:.1f}s: "
-        f"{len(report.partitions) - len(bad)}/{len(report.partitions)} partitions ok, "
+        f"{synced}/{len(report.partitions)} partitions synced{skipped}, "
         f"{report.total('images_seen')} images seen, {report.total('created')} created, "
         f"{report.total('updated')} updated, {report.total('went_offline')} went offline, "
         f"{report.total('came_online')} came online, {report.total('removed')} removed, "
@@ -253,13 +260,17 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from service.report import print_status
+    from service.report import print_status, status_document
     from service.store import migrate
     from service.store.engine import open_database
 
     async with open_database(settings, pool_size=1) as database:
         await migrate.ensure_current(database.engine)
-        await print_status(database.engine, runs=args.runs)
+        if args.json:
+            document = await status_document(database.engine, runs=args.runs)
+            print(json.dumps(document, indent=2))
+        else:
+            await print_status(database.engine, runs=args.runs)
     return 0
 
 
@@ -271,6 +282,9 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     async with open_database(settings, pool_size=1) as database:
         await migrate.ensure_current(database.engine)
         problems = await check_invariants(database.engine)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        return 1 if problems else 0
     if problems:
         print(f"{len(problems)} invariant(s) broken:")
         for problem in problems:

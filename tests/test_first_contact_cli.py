@@ -3,15 +3,23 @@ no traceback, no secret; unknown variables named with the closest known one."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from rich.console import Console
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import VARIABLES, check_variable_names, known_variables
 from service.errors import ConfigError
+from service.report import STATUS_JSON_KEYS, print_status
+from service.simulator import running_simulator
+from tests.test_api_faults import run_cli
 from tests.test_config_errors import LOCAL, _assert_one_clear_line, _cli, _env
 
 UNREACHABLE_DB = "postgresql://u@127.0.0.1:1/inventory"
@@ -138,3 +146,51 @@ def test_a_busy_status_port_exits_1_with_one_line(engine: object, cli_env: dict[
     assert "Traceback" not in result.stderr
     (line,) = plain_lines(result.stderr)
     assert line.startswith(f"image-sync: IMAGE_SYNC_HTTP: cannot listen on 127.0.0.1:{port}")
+
+
+# --- (9) status readable at 80 columns, skipped_locked apart, JSON --------------------------
+
+
+async def test_status_fits_80_columns_and_counts_skipped_locked_apart(
+    engine: AsyncEngine, cli_env: dict[str, str]
+) -> None:
+    from service.store.apply import PARTITION_LOCK_SPACE, partition_lock_key
+
+    async with running_simulator(seed=45, images=100) as sim:
+        env = {**cli_env, "JDCLOUD_ENDPOINT": sim.url}
+        # Another process holds two partitions while this one syncs.
+        async with engine.connect() as holder, holder.begin():
+            for region, source in (("cn-north-1", "public"), ("cn-east-1", "private")):
+                await holder.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
+                    {"space": PARTITION_LOCK_SPACE, "key": partition_lock_key(region, source)},
+                )
+            code, out, err = await run_cli(env, "sync", "--once")
+    assert code == 0, err
+    assert "18/20 partitions synced, 2 skipped_locked" in out, out
+    code, out, err = await run_cli({**env, "COLUMNS": "80"}, "status")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    assert "…" not in out  # no header or value cut to "r…"
+    assert any(line.split()[:4] == ["run", "started", "status", "trigger"] for line in lines)
+    assert "cn-north-1/public" in out and "skipped" not in out  # health ignores the skip
+    buffer = io.StringIO()
+    await print_status(engine, console=Console(file=buffer, width=80, color_system=None))
+    assert max(len(line) for line in buffer.getvalue().splitlines()) <= 80
+
+
+async def test_status_and_check_json(engine: AsyncEngine, cli_env: dict[str, str]) -> None:
+    async with running_simulator(seed=46, images=60) as sim:
+        env = {**cli_env, "JDCLOUD_ENDPOINT": sim.url, "IMAGE_SYNC_REGIONS": "cn-north-1"}
+        assert (await run_cli(env, "sync", "--once"))[0] == 0
+    code, out, err = await run_cli(env, "status", "--json", "--runs", "3")
+    assert code == 0, err
+    document = json.loads(out)
+    assert set(document) == set(STATUS_JSON_KEYS)
+    assert len(document["partitions"]) == 5 and len(document["runs"]) == 1
+    for key, rows in document.items():
+        assert all(list(row) == list(STATUS_JSON_KEYS[key]) for row in rows)
+    assert {p["last_status"] for p in document["partitions"]} == {"succeeded"}
+    code, out, err = await run_cli(env, "check", "--json")
+    assert (code, json.loads(out)) == (0, {"ok": True, "problems": []}), err

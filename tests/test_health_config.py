@@ -292,3 +292,10 @@ async def test_the_daemon_prunes_old_runs_that_no_event_references(
         )
     assert {102, 103, 105} <= runs and not runs & {101, 104}
     assert len(runs) == 4 and orphans == 0  # and the tick's own run
+
+
+def test_ages_are_never_negative() -> None:
+    from service.report import _age
+
+    # A success recorded while the page read the clock: -0.4 s is "0s", not "-0s".
+    assert [_age(-0.4), _age(-3.0), _age(0.6), _age(None)] == ["0s", "0s", "1s", "never"]
