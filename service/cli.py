@@ -112,6 +112,8 @@ def simulate_parser() -> argparse.ArgumentParser:
         prog="image-sync simulate",
         description="Serve the describeImages simulator until SIGINT/SIGTERM. It accepts the key "
         "pair in JDCLOUD_ACCESS_KEY/JDCLOUD_SECRET_KEY, or the fixed demo pair when unset.",
+        epilog=simulator_cli.admin_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     simulator_cli.add_arguments(parser)
     parser.set_defaults(run=simulator_cli.run)

@@ -19,9 +19,12 @@ from service.config import VARIABLES, check_variable_names, known_variables
 from service.errors import ConfigError
 from service.report import STATUS_JSON_KEYS, print_status
 from service.simulator import running_simulator
+from service.store import migrate
 from tests.test_api_faults import run_cli
 from tests.test_config_errors import LOCAL, _assert_one_clear_line, _cli, _env
+from tests.test_schema import scratch_engine  # noqa: F401 - the fixture
 
+OPERATIONS_MD = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 UNREACHABLE_DB = "postgresql://u@127.0.0.1:1/inventory"
 
 
@@ -194,3 +197,44 @@ async def test_status_and_check_json(engine: AsyncEngine, cli_env: dict[str, str
     assert {p["last_status"] for p in document["partitions"]} == {"succeeded"}
     code, out, err = await run_cli(env, "check", "--json")
     assert (code, json.loads(out)) == (0, {"ok": True, "problems": []}), err
+
+
+async def test_the_simulator_admin_url_it_advertises_lists_its_operations() -> None:
+    import aiohttp
+
+    async with running_simulator(seed=47, images=20) as sim, aiohttp.ClientSession() as http:
+        for url in (f"{sim.url}/__simulator__/", f"{sim.url}/__simulator__"):
+            async with http.get(url) as response:
+                assert response.status == 200
+                index = await response.json()
+    operations = {(op["method"], op["path"]) for op in index["operations"]}
+    assert {
+        ("GET", "/__simulator__/faults"),
+        ("PUT", "/__simulator__/faults"),
+        ("POST", "/__simulator__/catalogue/{op}"),
+        ("GET", "/__simulator__/requests"),
+        ("DELETE", "/__simulator__/requests"),
+        ("GET", "/__simulator__/stats"),
+    } <= operations
+    assert all(op["doc"] for op in index["operations"])
+    result = _cli(_env(), "simulate", "--help")
+    assert result.returncode == 0
+    for method, path in operations:
+        assert any(method in line and path in line for line in result.stdout.splitlines())
+
+
+async def test_run_on_an_old_schema_exits_with_one_line_as_operations_md_says(
+    scratch_engine: AsyncEngine,  # noqa: F811 - the imported fixture
+    cli_env: dict[str, str],
+) -> None:
+    """docs/operations.md: a pod on a schema older than its release exits at start with one
+    line (and restarts until the migration Job has run); it does not serve unready."""
+    await migrate.upgrade(scratch_engine, "0002")
+    url = scratch_engine.url.render_as_string(hide_password=False)
+    env = {**cli_env, "DATABASE_URL": url, "JDCLOUD_ENDPOINT": LOCAL, "IMAGE_SYNC_HTTP": "off"}
+    code, _out, err = await run_cli(env, "run")
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = plain_lines(err)
+    assert line.startswith("image-sync: database: the database schema is at 0002"), line
+    doc = OPERATIONS_MD.read_text()
+    assert "stay unready" not in doc and "exit at start with one line" in doc
