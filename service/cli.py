@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -74,10 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_migrate)
 
     p = sub.add_parser("status", help="partition health and recent runs as a table")
-    p.add_argument("--runs", type=int, default=10, help="how many recent runs to show")
+    p.add_argument(
+        "--runs", type=_count_argument, default=10, help="how many recent runs to show (>= 0)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document (keys: README.md)")
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("check", help="verify the database invariants; exit 1 on any failure")
+    p.add_argument("--json", action="store_true", help='{"ok": bool, "problems": [...]}')
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("schema-doc", help="write docs/schema.md from the live database comments")
@@ -110,6 +115,8 @@ def simulate_parser() -> argparse.ArgumentParser:
         prog="image-sync simulate",
         description="Serve the describeImages simulator until SIGINT/SIGTERM. It accepts the key "
         "pair in JDCLOUD_ACCESS_KEY/JDCLOUD_SECRET_KEY, or the fixed demo pair when unset.",
+        epilog=simulator_cli.admin_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     simulator_cli.add_arguments(parser)
     parser.set_defaults(run=simulator_cli.run)
@@ -129,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The demo brings its own simulator and throwaway embedded database.
             overrides = {"endpoint": "http://127.0.0.1:1", "database_url": ""}
         needs_api = args.command in ("sync", "run", "demo")
-        settings = load_settings(os.environ, args.config, needs_api=needs_api, **overrides)
+        settings = load_settings(
+            os.environ, args.config, needs_api=needs_api, warn=_warn, **overrides
+        )
     except ConfigError as exc:
         print(f"image-sync: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -168,6 +177,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _count_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative; give 0 or more")
+    return count
+
+
+def _warn(line: str) -> None:
+    print(f"image-sync: warning: {line}", file=sys.stderr)
+
+
 def _region_argument(value: str) -> str:
     try:
         return region_id(value)
@@ -178,10 +201,17 @@ def _region_argument(value: str) -> str:
 async def _sync(args: argparse.Namespace, settings: Settings) -> int:
     from service.progress import progress_for_terminal
     from service.runtime import open_runtime
+    from service.store.registry import register_configuration
     from service.sync import sync_once
 
     async with open_runtime(settings, apply_migrations=args.migrate) as rt:
         partitions = rt.partitions(args.region, args.source)
+        if not args.region and not args.source:
+            # The configured partitions; a --region/--source run is a one-off and leaves
+            # the registry (what health shows) alone.
+            await register_configuration(
+                rt.database.engine, [(p.region, p.source) for p in partitions]
+            )
         with progress_for_terminal(partitions) as progress:
             report = await sync_once(
                 rt.database.engine,
@@ -193,9 +223,13 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> int:
                 progress=progress,
             )
     bad = [p for p in report.partitions if p.status in ("failed", "incomplete")]
+    synced = sum(p.status == "succeeded" for p in report.partitions)
+    locked = sum(p.status == "skipped_locked" for p in report.partitions)
+    # skipped_locked partitions were synced by another process, not by this run.
+    skipped = f", {locked} skipped_locked (another process held them)" if locked else ""
     print(
         f"run {report.run_id} {report.status} in {report.seconds:.1f}s: "
-        f"{len(report.partitions) - len(bad)}/{len(report.partitions)} partitions ok, "
+        f"{synced}/{len(report.partitions)} partitions synced{skipped}, "
         f"{report.total('images_seen')} images seen, {report.total('created')} created, "
         f"{report.total('updated')} updated, {report.total('went_offline')} went offline, "
         f"{report.total('came_online')} came online, {report.total('removed')} removed, "
@@ -225,13 +259,17 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from service.report import print_status
+    from service.report import print_status, status_document
     from service.store import migrate
     from service.store.engine import open_database
 
     async with open_database(settings, pool_size=1) as database:
         await migrate.ensure_current(database.engine)
-        await print_status(database.engine, runs=args.runs)
+        if args.json:
+            document = await status_document(database.engine, runs=args.runs)
+            print(json.dumps(document, indent=2))
+        else:
+            await print_status(database.engine, runs=args.runs)
     return 0
 
 
@@ -243,6 +281,9 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     async with open_database(settings, pool_size=1) as database:
         await migrate.ensure_current(database.engine)
         problems = await check_invariants(database.engine)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        return 1 if problems else 0
     if problems:
         print(f"{len(problems)} invariant(s) broken:")
         for problem in problems:
@@ -263,7 +304,12 @@ async def _schema_doc(args: argparse.Namespace, settings: Settings) -> int:
     if str(args.output) == "-":
         sys.stdout.write(text)
     else:
-        args.output.write_text(text, encoding="utf-8")
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:  # e.g. run outside the repository: no docs/ here
+            raise ConfigError(
+                "--output", f"cannot write {args.output}: {exc.strerror or exc} (use --output -)"
+            ) from None
         print(f"wrote {args.output}")
     return 0
 

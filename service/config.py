@@ -11,17 +11,27 @@ the mappings it is given.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from service.dburl import parse_database_url
 from service.errors import ConfigError
@@ -60,9 +70,20 @@ VARIABLES: dict[str, str] = {
     "IMAGE_SYNC_MAX_ATTEMPTS": "max_attempts",
     "IMAGE_SYNC_MAX_URL_LENGTH": "max_url_length",
     "IMAGE_SYNC_STATEMENT_TIMEOUT": "statement_timeout",
+    "IMAGE_SYNC_KEEP_RUNS_DAYS": "keep_runs_days",
     **{f"IMAGE_SYNC_INTERVAL_{s.upper()}": f"interval_{s}" for s in SOURCES},
 }
 _FIELD_TO_VARIABLE = {v: k for k, v in VARIABLES.items()}
+
+MIN_INTERVAL = 10.0
+"""Seconds: the shortest sync interval accepted (also per source). Read when settings are
+validated, so a test process may lower it before it loads settings."""
+MAX_SECONDS = 366 * 86400.0
+"""Upper bound of every duration setting: a finite value the scheduler and asyncio can use."""
+NOT_SETTINGS = frozenset({"IMAGE_SYNC_IMAGE"})
+"""``IMAGE_SYNC_*`` names that are not the service's settings: deploy/compose.yaml's image
+override, which an env file may hand to the container too."""
+_BOOLEAN_WORDS = frozenset({"true", "false", "yes", "no", "on", "off"})
 
 
 def _split_list(value: Any) -> Any:
@@ -87,7 +108,9 @@ def region_id(value: Any) -> str:
 class Settings(BaseModel):
     """The validated configuration. Secrets are :class:`SecretStr`, never printed."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", str_strip_whitespace=True, allow_inf_nan=False
+    )
 
     database_url: SecretStr | None = None
     data_dir: Path = Field(
@@ -99,24 +122,25 @@ class Settings(BaseModel):
     endpoint: str = DEFAULT_ENDPOINT
     regions: tuple[str, ...] = tuple(DEFAULT_REGIONS.split(","))
     sources: tuple[str, ...] = SOURCES
-    interval: float = Field(default=900, gt=0)
+    interval: float = Field(default=900, gt=0, le=MAX_SECONDS)
     concurrency: int = Field(default=16, ge=1, le=1024)
-    rate_limit: float = Field(default=10, ge=0)
+    rate_limit: float = Field(default=10, ge=0, le=1e6)
     page_size: int = Field(default=100, ge=10, le=100)
     http: str = "127.0.0.1:8080"
     log_format: Literal["text", "json"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    grace_period: float = Field(default=30, ge=0)
-    request_timeout: float = Field(default=30, gt=0)
-    connect_timeout: float = Field(default=10, gt=0)
+    grace_period: float = Field(default=30, ge=0, le=MAX_SECONDS)
+    request_timeout: float = Field(default=30, gt=0, le=MAX_SECONDS)
+    connect_timeout: float = Field(default=10, gt=0, le=MAX_SECONDS)
     max_attempts: int = Field(default=6, ge=1, le=50)
-    max_url_length: int = Field(default=4096, ge=512)
-    statement_timeout: float = Field(default=300, ge=0)
-    interval_public: float | None = Field(default=None, gt=0)
-    interval_thirdparty: float | None = Field(default=None, gt=0)
-    interval_private: float | None = Field(default=None, gt=0)
-    interval_shared: float | None = Field(default=None, gt=0)
-    interval_community: float | None = Field(default=None, gt=0)
+    max_url_length: int = Field(default=4096, ge=512, le=1_000_000)
+    statement_timeout: float = Field(default=300, ge=0, le=MAX_SECONDS)
+    keep_runs_days: int = Field(default=90, ge=1, le=36500)
+    interval_public: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    interval_thirdparty: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    interval_private: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    interval_shared: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    interval_community: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
 
     _blank_is_none = field_validator(
         "database_url",
@@ -127,6 +151,34 @@ class Settings(BaseModel):
         *(f"interval_{s}" for s in SOURCES),
         mode="before",
     )(_none_if_blank)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads TOML's `true` as 1: refuse it where a number is due.
+        field_name = info.field_name or ""
+        if cls.model_fields[field_name].annotation not in _NUMERIC:
+            return value
+        if isinstance(value, bool) or (
+            isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS
+        ):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("interval", *(f"interval_{s}" for s in SOURCES))
+    @classmethod
+    def _interval(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_INTERVAL:
+            raise ValueError(f"must be at least {MIN_INTERVAL:g} seconds")
+        return value
+
+    @field_validator("access_key", "secret_key", "security_token", mode="before")
+    @classmethod
+    def _printable(cls, value: Any) -> Any:
+        # A control character (a newline pasted with the key) would reach an HTTP header.
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value.strip()):
+            raise ValueError("contains a control character (a newline?); the value is not shown")
+        return value
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -246,6 +298,38 @@ class Settings(BaseModel):
         return out
 
 
+_NUMERIC = (int, float, int | None, float | None)
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable name the service reads: one per :class:`Settings` field (its name in
+    VARIABLES, else its alias, else ``IMAGE_SYNC_<FIELD>``), each also as ``<NAME>_FILE``."""
+    names = set(VARIABLES)
+    for name, info in Settings.model_fields.items():
+        names.add(info.alias or _FIELD_TO_VARIABLE.get(name) or f"IMAGE_SYNC_{name.upper()}")
+    return frozenset(names | {f"{name}_FILE" for name in names})
+
+
+def _closest(name: str, known: frozenset[str] | set[str]) -> str:
+    """`` (did you mean X?)`` for the known name most like ``name``, or ``""``."""
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def check_variable_names(environ: Mapping[str, str], warn: Callable[[str], None]) -> None:
+    """An unknown ``IMAGE_SYNC_*`` variable is a :class:`ConfigError` naming the closest known
+    one (a typo would otherwise be silently ignored); an unknown ``JDCLOUD_*`` one only a
+    warning, since other JD Cloud tools share the prefix."""
+    known = known_variables()
+    for name in sorted(environ):
+        if name in known or name in NOT_SETTINGS:
+            continue
+        if name.startswith("IMAGE_SYNC_"):
+            raise ConfigError(name, f"unknown variable{_closest(name, known)}")
+        if name.startswith("JDCLOUD_"):
+            warn(f"{name}: not a variable of image-sync, ignored{_closest(name, known)}")
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """An access key pair; the secret never appears in ``repr``."""
@@ -260,14 +344,17 @@ def load_settings(
     config_file: Path | str | None = None,
     *,
     needs_api: bool = True,
+    warn: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> Settings:
     """Validate settings from a TOML file (optional), the environment and ``overrides``.
 
     ``needs_api=False`` is for commands that only use the database (migrate, status,
     check, schema-doc): they do not require API credentials. Raises
-    :class:`ConfigError` naming the first bad variable.
+    :class:`ConfigError` naming the first bad variable; ``warn`` receives the warning
+    lines (unknown ``JDCLOUD_*`` variables), by default the log.
     """
+    check_variable_names(environ, warn or logging.getLogger(__name__).warning)
     raw: dict[str, Any] = {}
     if config_file is not None:
         raw.update(_read_toml(Path(config_file)))
@@ -282,9 +369,13 @@ def load_settings(
         variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
-        if name not in ("database_url", "secret_key", "security_token", "endpoint") and isinstance(
-            value, str | int | float
-        ):
+        if name not in (
+            "database_url",
+            "access_key",
+            "secret_key",
+            "security_token",
+            "endpoint",
+        ) and isinstance(value, str | int | float):
             message = f"{message} (got {value!r})"
         raise ConfigError(variable, message) from None
     if bool(settings.access_key) != (settings.secret_key is not None):
@@ -339,6 +430,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         variable = key.upper()
         if variable not in VARIABLES:
-            raise ConfigError("--config", f"{path}: unknown key {key!r}")
+            raise ConfigError(
+                "--config", f"{path}: unknown key {key!r}{_closest(variable, set(VARIABLES))}"
+            )
         out[VARIABLES[variable]] = value
     return out

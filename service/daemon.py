@@ -54,7 +54,8 @@ from service.metrics import Metrics
 from service.runtime import Runtime, open_runtime
 from service.store import migrate
 from service.store.engine import describe_error
-from service.store.runs import mark_abandoned
+from service.store.registry import register_configuration
+from service.store.runs import mark_abandoned, prune_runs
 from service.sync import Partition, SyncReport, sync_once
 
 __all__ = ["Daemon", "DaemonState", "run_daemon"]
@@ -142,6 +143,13 @@ class Daemon:
         try:
             await migrate.ensure_current(engine)
             self.schema_ok = True
+            pruned = await prune_runs(engine, self.settings.keep_runs_days)
+            if pruned:
+                log.info(
+                    "pruned %d run(s) older than %d days (IMAGE_SYNC_KEEP_RUNS_DAYS)",
+                    pruned,
+                    self.settings.keep_runs_days,
+                )
             due = await self.due_partitions(cutoffs)
         except SchemaNotCurrent as exc:
             if self.schema_ok:
@@ -316,6 +324,9 @@ async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> i
             if abandoned:
                 log.info("marked %d run(s) of stopped processes as abandoned", abandoned)
             daemon = Daemon(runtime)
+            await register_configuration(
+                runtime.database.engine, [(p.region, p.source) for p in daemon.partitions]
+            )
             if early_stop.is_set():
                 daemon.request_stop()
             address = settings.http_address

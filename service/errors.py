@@ -6,6 +6,7 @@ so callers never catch aiohttp, asyncpg or pydantic types::
 
     ImageSyncError
     ├── ConfigError              bad configuration or usage; the CLI exits 2
+    ├── ListenError              the status server cannot listen (port busy); exit 1
     ├── DatabaseError            PostgreSQL unreachable, failed, or not migrated
     │   └── SchemaNotCurrent     migrations are pending
     └── ApiError                 describeImages failed (carries code/status/message/requestId)
@@ -32,6 +33,10 @@ class ConfigError(ImageSyncError):
         self.variable = variable
         self.problem = problem
         super().__init__(f"{variable}: {problem}")
+
+
+class ListenError(ImageSyncError):
+    """The status server cannot listen on its address (e.g. the port is busy)."""
 
 
 class DatabaseError(ImageSyncError):

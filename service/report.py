@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 HEALTH_SQL = """
 SELECT region_id, image_source, last_status, last_success_at, age_seconds,
-       last_error_status, last_error_message
+       last_error_status, last_error_message, configured
   FROM inventory.sync_health ORDER BY region_id, image_source
 """
 RUNS_SQL = """
 SELECT run_id, started_at, finished_at, status, trigger, host, partitions, partitions_failed,
        api_requests, retries, images_seen, created, updated, went_offline, came_online,
-       removed, reappeared
+       removed, reappeared, error_message,
+       created + updated + went_offline + came_online + removed + reappeared AS events
   FROM inventory.sync_runs ORDER BY run_id DESC LIMIT :n
 """
 SUMMARY_SQL = """
@@ -30,6 +33,9 @@ SELECT region_id, image_source, sum(images)::bigint AS images,
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "never"
+    # A success recorded while the clock read the age (or a clock a little behind the
+    # database's) gives a tiny negative age: show 0s, never "-0s".
+    seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
@@ -44,60 +50,99 @@ async def fetch(engine: AsyncEngine, sql: str, **params: Any) -> list[sa.Row[Any
         return list((await conn.execute(sa.text(sql), params)).all())
 
 
+RUN_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (header, RUNS_SQL column, where: "all" widths, "wide" only, "narrow" only)
+    ("run", "run_id", "all"),
+    ("started", "started_at", "all"),
+    ("status", "status", "all"),
+    ("trigger", "trigger", "all"),
+    ("host", "host", "wide"),
+    ("parts", "partitions", "all"),
+    ("failed", "partitions_failed", "all"),
+    ("requests", "api_requests", "wide"),
+    ("retries", "retries", "wide"),
+    ("seen", "images_seen", "all"),
+    ("events", "events", "narrow"),
+    ("created", "created", "wide"),
+    ("updated", "updated", "wide"),
+    ("offline", "went_offline", "wide"),
+    ("online", "came_online", "wide"),
+    ("removed", "removed", "wide"),
+    ("back", "reappeared", "wide"),
+)
+WIDE_CONSOLE = 140
+"""Columns from which ``image-sync status`` shows every run column; narrower consoles
+(80 columns, a phone's terminal) get the essential ones, and long errors wrap."""
+STATUS_JSON_KEYS = {
+    "partitions": (
+        "region_id",
+        "image_source",
+        "last_status",
+        "last_success_at",
+        "age_seconds",
+        "last_error_status",
+        "last_error_message",
+        "configured",
+    ),
+    "runs": (*(column for _, column, _ in RUN_COLUMNS), "finished_at", "error_message"),
+}
+"""The keys of ``image-sync status --json`` (documented in README.md; stable)."""
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+async def status_document(engine: AsyncEngine, *, runs: int = 10) -> dict[str, Any]:
+    """``image-sync status --json``: the configured partitions' health and recent runs."""
+    health = await fetch(engine, HEALTH_SQL)
+    recent = await fetch(engine, RUNS_SQL, n=runs)
+    return {
+        "partitions": [
+            {k: _json_value(getattr(r, k)) for k in STATUS_JSON_KEYS["partitions"]} for r in health
+        ],
+        "runs": [{k: _json_value(getattr(r, k)) for k in STATUS_JSON_KEYS["runs"]} for r in recent],
+    }
+
+
 async def print_status(
     engine: AsyncEngine, *, runs: int = 10, console: Console | None = None
 ) -> None:
     console = console or Console()
-    health = Table(title="Partition health", title_justify="left")
-    for column in ("region", "source", "last outcome", "last success", "age", "error"):
-        health.add_column(column)
+    wide = console.width >= WIDE_CONSOLE
+    health = Table(title="Partition health", title_justify="left", box=box.SIMPLE_HEAD)
+    health.add_column("partition", no_wrap=True)
+    health.add_column("last", no_wrap=True)
+    if wide:
+        health.add_column("last success", no_wrap=True)
+    health.add_column("age", justify="right", no_wrap=True)
+    health.add_column("error", overflow="fold")
     for r in await fetch(engine, HEALTH_SQL):
         error = f"{r.last_error_status}: {r.last_error_message}" if r.last_error_status else ""
         success = r.last_success_at.isoformat(timespec="seconds") if r.last_success_at else "never"
-        health.add_row(
-            r.region_id, r.image_source, r.last_status, success, _age(r.age_seconds), error
-        )
+        cells = [f"{r.region_id}/{r.image_source}", r.last_status or "not synced"]
+        if wide:
+            cells.append(success)
+        health.add_row(*cells, _age(r.age_seconds), error)
     console.print(health)
 
-    table = Table(title=f"Last {runs} runs", title_justify="left")
-    for column in (
-        "run",
-        "started",
-        "status",
-        "trigger",
-        "host",
-        "partitions",
-        "failed",
-        "requests",
-        "retries",
-        "seen",
-        "created",
-        "updated",
-        "offline",
-        "online",
-        "removed",
-        "back",
-    ):
+    table = Table(title=f"Last {runs} runs", title_justify="left", box=box.SIMPLE_HEAD)
+    shown = [
+        (h, c) for h, c, where in RUN_COLUMNS if where in ("all", "wide" if wide else "narrow")
+    ]
+    for header, column in shown:
         table.add_column(
-            column, justify="right" if column not in ("status", "trigger", "host") else "left"
+            header,
+            justify="left" if column in ("status", "trigger", "host", "started_at") else "right",
+            no_wrap=column != "host",
         )
     for r in await fetch(engine, RUNS_SQL, n=runs):
-        table.add_row(
-            str(r.run_id),
-            r.started_at.isoformat(timespec="seconds"),
-            r.status,
-            r.trigger,
-            r.host,
-            str(r.partitions),
-            str(r.partitions_failed),
-            str(r.api_requests),
-            str(r.retries),
-            str(r.images_seen),
-            str(r.created),
-            str(r.updated),
-            str(r.went_offline),
-            str(r.came_online),
-            str(r.removed),
-            str(r.reappeared),
-        )
+        table.add_row(*(_run_cell(r, column, wide) for _, column in shown))
     console.print(table)
+
+
+def _run_cell(row: Any, column: str, wide: bool) -> str:
+    value = getattr(row, column)
+    if column == "started_at":
+        return str(value.isoformat(timespec="seconds") if wide else value.strftime("%m-%d %H:%M"))
+    return str(value)

@@ -32,6 +32,7 @@ from service.store.runs import (
     finish_run,
     mark_abandoned,
     record_partition,
+    record_partitions,
     release_run,
     start_run,
 )
@@ -182,13 +183,6 @@ async def sync_once(
             async with gate:
                 if stop is not None and stop.is_set():
                     return PartitionReport(partition, "not_started")
-                if auth_failure:
-                    return PartitionReport(
-                        partition,
-                        "failed",
-                        error_status="UNAUTHENTICATED",
-                        error_message="not tried: the credentials were refused",
-                    )
                 return await _sync_partition(
                     engine, client, partition, run_id, page_size, progress, fresh_within
                 )
@@ -230,6 +224,13 @@ async def sync_once(
         finally:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+        if auth_failure:
+            for report in await _record_refused(
+                engine, run_id, partitions, reports, auth_failure[0], started
+            ):
+                reports.append(report)
+                _observe(metrics, report)
+                progress.partition_finished(report)
         seconds = time.monotonic() - started
         reports = _recorded(reports)
         status = _run_status(reports, auth_failed=bool(auth_failure))
@@ -430,6 +431,43 @@ async def _sync_partition(
     if report.status in ("failed", "skipped_locked"):
         await _record_outside(engine, report, run_id)
     return report
+
+
+async def _record_refused(
+    engine: AsyncEngine,
+    run_id: int,
+    partitions: Sequence[Partition],
+    reports: Sequence[PartitionReport],
+    error: AuthError,
+    started: float,
+) -> list[PartitionReport]:
+    """Record ``failed`` with the API's refusal every partition of the run that has no
+    outcome yet (the one refused, those cut short, those never started), so health,
+    status and alerts turn red in this tick rather than going stale in three intervals."""
+    status = error.status or f"HTTP_{error.http_status}"
+    message = f"the API refused the credentials: {error.describe()}"
+    done = {r.partition for r in reports}
+    refused = [
+        PartitionReport(
+            p,
+            "failed",
+            error_status=status,
+            error_message=message,
+            seconds=time.monotonic() - started,  # from the run's start: they waited that long
+        )
+        for p in partitions
+        if p not in done
+    ]
+    try:
+        async with engine.begin() as conn:
+            await record_partitions(conn, [_record(r, run_id) for r in refused])
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        log.error(
+            "could not record the partitions refused in run %d: %s",
+            run_id,
+            describe_error(exc, str(engine.url)),
+        )
+    return refused
 
 
 async def _gather_or_cancel(*aws: Coroutine[Any, Any, _T]) -> list[_T]:

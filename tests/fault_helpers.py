@@ -25,7 +25,7 @@ from service.embedded import EmbeddedPostgres, throwaway_postgres
 
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
-    "inventory.sync_partitions, inventory.sync_runs"
+    "inventory.sync_partitions, inventory.sync_runs, inventory.partitions"
 )
 
 

@@ -42,7 +42,7 @@ def test_migrate_sync_status(cli_env: dict[str, str]) -> None:
         assert "schema at" in migrated.stdout
         synced = run(["sync", "--once", "--region", "cn-east-1", "--source", "private"], env)
         assert synced.returncode == 0, synced.stderr
-        assert "1/1 partitions ok" in synced.stdout
+        assert "1/1 partitions synced" in synced.stdout
         # JSON log lines (not a TTY), one per partition outcome, with counts.
         assert '"partition cn-east-1/private succeeded' in synced.stderr
         status = run(["status"], env)
@@ -56,7 +56,7 @@ def test_sync_exit_code_one_when_a_partition_fails(cli_env: dict[str, str]) -> N
         env = {**cli_env, "JDCLOUD_ENDPOINT": sim.url, "IMAGE_SYNC_REGIONS": "cn-south-1"}
         result = run(["sync", "--once", "--migrate"], env)
     assert result.returncode == 1
-    assert "4/5 partitions ok" in result.stdout
+    assert "4/5 partitions synced" in result.stdout
     assert "cn-south-1/shared: failed: QUOTA_EXCEEDED" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -36,6 +36,7 @@ BAD_VALUES: dict[str, str] = {
     "IMAGE_SYNC_MAX_ATTEMPTS": "0",
     "IMAGE_SYNC_MAX_URL_LENGTH": "10",
     "IMAGE_SYNC_STATEMENT_TIMEOUT": "-1",
+    "IMAGE_SYNC_KEEP_RUNS_DAYS": "0",
     **{f"IMAGE_SYNC_INTERVAL_{s}": "never" for s in
        ("PUBLIC", "THIRDPARTY", "PRIVATE", "SHARED", "COMMUNITY")},
 }  # fmt: skip

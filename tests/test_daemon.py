@@ -28,6 +28,14 @@ from service.store.runs import mark_abandoned
 from service.sync import Partition
 
 IMAGE_SYNC = str(Path(sys.executable).with_name("image-sync"))
+# `image-sync` itself, with the shortest accepted interval lowered from 10 s so that a test
+# sees several ticks in seconds (service.config.MIN_INTERVAL is read at validation).
+IMAGE_SYNC_FAST = [
+    sys.executable,
+    "-c",
+    "import sys, service.config as c; c.MIN_INTERVAL = 1.0; "
+    "from service.cli import main; sys.exit(main(sys.argv[1:]))",
+]
 PARTITIONS = 20  # the simulator's and the service's defaults: 4 regions x 5 sources
 
 
@@ -55,7 +63,7 @@ async def replicas(
             log = tmp_path / f"replica-{i}.log"
             with log.open("wb") as out:
                 process = await asyncio.create_subprocess_exec(
-                    IMAGE_SYNC, "run", *args, env=env, stdout=out, stderr=out
+                    *IMAGE_SYNC_FAST, "run", *args, env=env, stdout=out, stderr=out
                 )
             started.append(Replica(process, log))
         yield started

@@ -193,6 +193,7 @@ async def test_every_documented_query_runs_on_a_synced_database(
             )
             catalogue.take_offline(region, online)
             catalogue.delete(region, catalogue.images(region, "shared")[0]["imageId"])
+            catalogue.add(region, "private", imageId="img-newafter01")  # news, not baseline
             await sync_once(engine, rt.client, rt.partitions())
     async with engine.connect() as conn:
         await conn.execute(sa.text("SET ROLE inventory_reader"))

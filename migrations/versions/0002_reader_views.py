@@ -165,6 +165,31 @@ def _as_of_select() -> str:
     return ",\n               ".join(fields)
 
 
+AS_OF_QUERY = f"""
+        WITH ev AS (
+            SELECT e.region_id, e.image_id, e.event_id, e.event_type, e.after
+              FROM inventory.image_events e
+             WHERE e.occurred_at <= ts
+        ), last AS (
+            SELECT DISTINCT ON (region_id, image_id) region_id, image_id, event_type
+              FROM ev
+             ORDER BY region_id, image_id, event_id DESC
+        ), s AS (
+            SELECT region_id, image_id,
+                   inventory.jsonb_merge_agg(after ORDER BY event_id) AS doc
+              FROM ev
+             WHERE after IS NOT NULL
+             GROUP BY region_id, image_id
+        )
+        SELECT s.region_id, s.image_id,
+               {_as_of_select()}
+          FROM s
+          JOIN last l USING (region_id, image_id)
+         WHERE l.event_type <> 'removed'
+"""
+"""The body of images_as_of(ts): the catalogue rebuilt from the events up to ``ts``."""
+
+
 def upgrade() -> None:
     for name, (comment, body, column_comments) in VIEWS.items():
         op.execute(f"CREATE VIEW inventory.{name} AS {body}")
@@ -192,26 +217,7 @@ def upgrade() -> None:
         CREATE FUNCTION inventory.images_as_of(ts timestamptz)
         RETURNS TABLE ({returns})
         LANGUAGE sql STABLE AS $fn$
-        WITH ev AS (
-            SELECT e.region_id, e.image_id, e.event_id, e.event_type, e.after
-              FROM inventory.image_events e
-             WHERE e.occurred_at <= ts
-        ), last AS (
-            SELECT DISTINCT ON (region_id, image_id) region_id, image_id, event_type
-              FROM ev
-             ORDER BY region_id, image_id, event_id DESC
-        ), s AS (
-            SELECT region_id, image_id,
-                   inventory.jsonb_merge_agg(after ORDER BY event_id) AS doc
-              FROM ev
-             WHERE after IS NOT NULL
-             GROUP BY region_id, image_id
-        )
-        SELECT s.region_id, s.image_id,
-               {_as_of_select()}
-          FROM s
-          JOIN last l USING (region_id, image_id)
-         WHERE l.event_type <> 'removed'
+{AS_OF_QUERY}
         $fn$""")
     op.execute(
         "COMMENT ON FUNCTION inventory.images_as_of(timestamptz) IS "

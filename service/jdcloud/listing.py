@@ -164,11 +164,13 @@ async def list_pages(
             outcome.pages += 1
             stats.pages += 1
             outcome.totals_seen.add(page.total_count)
-            handed = asyncio.ensure_future(on_page(page.images))
+            # Track the new sink before awaiting the previous one: if that raises, the
+            # `finally` below must still cancel and collect this one (else its error is
+            # "Task exception was never retrieved").
+            previous, writing = writing, asyncio.ensure_future(on_page(page.images))
             del page
-            if writing is not None:
-                await finish(writing)
-            writing = handed
+            if previous is not None:
+                await finish(previous)
         if writing is not None:
             await finish(writing)
             writing = None

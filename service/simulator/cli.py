@@ -19,9 +19,21 @@ from typing import Any
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.simulator.catalogue import DEFAULT_REGIONS, DEFAULT_SOURCES, Catalogue
 from service.simulator.faults import KINDS, FailFirst, Fault, FaultConfig
-from service.simulator.server import running_simulator
+from service.simulator.server import admin_operations, build_app, running_simulator
 
-__all__ = ["add_arguments", "faults_from_args", "run"]
+__all__ = ["add_arguments", "admin_help", "faults_from_args", "run"]
+
+
+def admin_help() -> str:
+    """The admin operations for ``--help``, from the router of an empty simulator (so any
+    route added to the simulator is listed)."""
+    lines = [
+        f"  {op['method']:<7} {op['path']:<34} {op['doc']}"
+        for op in admin_operations(build_app(Catalogue(images=0)))
+    ]
+    return "admin operations (JSON, unsigned; GET /__simulator__/ lists them too):\n" + "\n".join(
+        lines
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

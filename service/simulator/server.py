@@ -20,7 +20,7 @@ API: ``GET /v1/regions/{regionId}/images`` with the documented parameters
 Admin endpoints (JSON, unsigned, only here) live under ``/__simulator__/``:
 ``GET|PUT faults``, ``POST catalogue/{op}`` (op: take_offline, bring_online,
 add, delete, modify), ``GET|DELETE requests`` (the bounded request log),
-``GET stats``.
+``GET stats``; ``GET /__simulator__/`` lists them (generated from the router).
 """
 
 from __future__ import annotations
@@ -122,6 +122,10 @@ def build_app(
     app.router.add_get(f"{ADMIN_PREFIX}/requests", get_requests)
     app.router.add_delete(f"{ADMIN_PREFIX}/requests", clear_requests)
     app.router.add_get(f"{ADMIN_PREFIX}/stats", get_stats)
+    # The index lists whatever admin routes are registered above (added last, before the
+    # catch-all, so it sees them all).
+    app.router.add_get(f"{ADMIN_PREFIX}/", admin_index)
+    app.router.add_get(ADMIN_PREFIX, admin_index)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -384,11 +388,35 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def admin_operations(app: web.Application) -> list[dict[str, str]]:
+    """The admin routes of ``app`` (method, path, what it does), from its router: the
+    index at ``/__simulator__/`` and ``image-sync simulate --help`` list these."""
+    operations = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if (
+            not path.startswith(f"{ADMIN_PREFIX}/")
+            or route.handler is admin_index
+            or route.method == "HEAD"  # added by every add_get
+        ):
+            continue
+        doc = (route.handler.__doc__ or "").strip().splitlines()
+        operations.append({"method": route.method, "path": path, "doc": doc[0] if doc else ""})
+    return operations
+
+
+async def admin_index(request: web.Request) -> web.Response:
+    """The admin operations, as JSON."""
+    return _admin_json({"operations": admin_operations(request.app)})
+
+
 async def get_faults(request: web.Request) -> web.Response:
+    """The fault configuration in force."""
     return _admin_json(request.app[STATE].faults.to_dict())
 
 
 async def put_faults(request: web.Request) -> web.Response:
+    """Change the faults: a JSON object of FaultConfig fields (simulator/faults.py)."""
     faults = request.app[STATE].faults
     try:
         faults.update(await _json_body(request))
@@ -401,7 +429,9 @@ _OPERATIONS = ("take_offline", "bring_online", "add", "delete", "modify")
 
 
 async def change_catalogue(request: web.Request) -> web.Response:
-    """POST /__simulator__/catalogue/{op} with {"region", "image_id" | "source", "fields"}."""
+    """Change the catalogue: op is take_offline, bring_online, add, delete or modify.
+
+    Body: {"region", "image_id" | "source", "fields"}."""
     catalogue = request.app[STATE].catalogue
     op = request.match_info["op"]
     if op not in _OPERATIONS:
@@ -426,7 +456,7 @@ async def change_catalogue(request: web.Request) -> web.Response:
 
 
 async def get_requests(request: web.Request) -> web.Response:
-    """The request log, oldest first; ``?limit=N`` keeps the last N."""
+    """The request log, oldest first; ?limit=N keeps the last N."""
     log = list(request.app[STATE].requests)
     limit = request.query.get("limit")
     if limit is not None and limit.isdigit():
@@ -435,11 +465,13 @@ async def get_requests(request: web.Request) -> web.Response:
 
 
 async def clear_requests(request: web.Request) -> web.Response:
+    """Empty the request log."""
     request.app[STATE].requests.clear()
     return _admin_json({"requests": []})
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    """Requests served, by status."""
     state = request.app[STATE]
     by_status = Counter(str(entry["status"]) for entry in state.requests)
     return _admin_json(

@@ -135,7 +135,7 @@ SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
 _EVENT_INSERT = """
 INSERT INTO inventory.image_events
        (occurred_at, sync_run_id, region_id, image_id, image_source, event_type,
-        changed_fields, before, after)
+        changed_fields, before, after, baseline)
 """
 
 
@@ -144,7 +144,7 @@ def _transition(event_type: str, condition: str) -> str:
     return f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}}',
        jsonb_build_object('offline', d.old_doc -> 'offline'),
-       jsonb_build_object('offline', d.new_doc -> 'offline')
+       jsonb_build_object('offline', d.new_doc -> 'offline'), :baseline
   FROM stage_diff d
  WHERE d.kind = 'changed' AND {condition} ORDER BY d.image_id"""
 
@@ -152,7 +152,8 @@ SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}
 # One statement per event type, in the order they are recorded for one image.
 _EVENTS = {
     "created": f"""{_EVENT_INSERT}
-SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_doc("s", "nd.disks")}
+SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_doc("s", "nd.disks")},
+       :baseline
   FROM stage_diff c JOIN stage_images s USING (image_id)
   LEFT JOIN LATERAL (
         SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
@@ -160,14 +161,15 @@ SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_
  WHERE c.kind = 'new' ORDER BY c.image_id""",
     "reappeared": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
-       (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc
+       (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc,
+       :baseline
   FROM stage_diff d WHERE d.kind = 'back' ORDER BY d.image_id""",
     "went_offline": _transition("went_offline", "d.is_offline AND NOT d.was_offline"),
     "came_online": _transition("came_online", "d.was_offline AND NOT d.is_offline"),
     "updated": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
        (SELECT jsonb_object_agg(k, u.old_doc -> k) FROM unnest(u.fields) k),
-       (SELECT jsonb_object_agg(k, u.new_doc -> k) FROM unnest(u.fields) k)
+       (SELECT jsonb_object_agg(k, u.new_doc -> k) FROM unnest(u.fields) k), :baseline
   FROM (SELECT d.*,
                CASE WHEN d.was_offline <> d.is_offline
                     THEN array_remove(d.changed, 'offline') ELSE d.changed END AS fields
@@ -221,7 +223,7 @@ WITH gone_ids AS MATERIALIZED (
     RETURNING i.image_id
 )
 {_EVENT_INSERT}
-SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL
+SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL, :baseline
   FROM gone g JOIN marked m USING (image_id) ORDER BY g.image_id
 """
 
@@ -342,6 +344,17 @@ class PartitionWriter:
         """
         params: dict[str, Any] = {"region": self.region, "source": self.source, "run_id": run_id}
         conn = self._conn
+        # The first successful sync of a partition records the initial load: its events
+        # are `baseline` (the images existed before the service watched them). Only a
+        # complete merge becomes a success; the partition's lock keeps this stable.
+        params["baseline"] = remove_missing and not await conn.scalar(
+            sa.text(
+                "SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions"
+                " WHERE region_id = :region AND image_source = :source"
+                " AND status = 'succeeded')"
+            ),
+            params,
+        )
         await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,19 +98,29 @@ async def finish_run(
 
 
 async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
-    """Insert one partition outcome (in the caller's transaction).
+    """Insert one partition outcome (in the caller's transaction)."""
+    await record_partitions(conn, [record])
 
-    Its times come from the database's clock, as the runs' do: a replica whose clock
-    is off neither misplaces the row nor moves the freshness guard
+
+async def record_partitions(conn: AsyncConnection, records: Sequence[PartitionRecord]) -> None:
+    """Insert partition outcomes in one multi-row statement (in the caller's transaction).
+
+    Their times come from the database's clock, as the runs' do: a replica whose clock
+    is off neither misplaces the rows nor moves the freshness guard
     (:meth:`~service.store.apply.PartitionWriter.succeeded_within`)."""
-    values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
-    values.update(asdict(values.pop("counts")))
-    seconds = sa.literal(max(0.0, values.pop("seconds")), sa.Float)
-    values["finished_at"] = sa.func.clock_timestamp()
-    values["started_at"] = sa.func.clock_timestamp() - sa.func.make_interval(
-        0, 0, 0, 0, 0, 0, seconds
-    )
-    await conn.execute(sa.insert(sync_partitions).values(**values))
+    if not records:
+        return
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
+        values.update(asdict(values.pop("counts")))
+        seconds = sa.literal(max(0.0, values.pop("seconds")), sa.Float)
+        values["finished_at"] = sa.func.clock_timestamp()
+        values["started_at"] = sa.func.clock_timestamp() - sa.func.make_interval(
+            0, 0, 0, 0, 0, 0, seconds
+        )
+        rows.append(values)
+    await conn.execute(sa.insert(sync_partitions).values(rows))
 
 
 async def mark_abandoned(engine: AsyncEngine) -> int:
@@ -126,4 +137,30 @@ async def mark_abandoned(engine: AsyncEngine) -> int:
                 """
             )
         )
+        return result.rowcount
+
+
+_PRUNE = """
+DELETE FROM inventory.sync_runs r
+ WHERE r.started_at < now() - make_interval(days => :days)
+   AND r.status <> 'running'
+   -- events are never pruned, and they keep the run they name
+   AND NOT EXISTS (SELECT 1 FROM inventory.image_events e WHERE e.sync_run_id = r.run_id)
+   -- a partition's latest success stays, or sync_health would say "never"
+   AND NOT EXISTS (
+        SELECT 1 FROM inventory.sync_partitions p
+         WHERE p.run_id = r.run_id AND p.status = 'succeeded'
+           AND p.finished_at = (SELECT max(q.finished_at) FROM inventory.sync_partitions q
+                                 WHERE q.region_id = p.region_id
+                                   AND q.image_source = p.image_source
+                                   AND q.status = 'succeeded'))
+"""
+
+
+async def prune_runs(engine: AsyncEngine, keep_days: int) -> int:
+    """Delete the runs (and, by cascade, their ``sync_partitions`` rows) that started more
+    than ``keep_days`` days ago, unless an event references them or they hold a
+    partition's latest success. One set-based statement; returns the runs deleted."""
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.text(_PRUNE), {"days": keep_days})
         return result.rowcount

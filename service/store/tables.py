@@ -264,8 +264,36 @@ image_events = Table(
     PrimaryKeyConstraint("event_id"),
     ForeignKeyConstraint(["sync_run_id"], ["inventory.sync_runs.run_id"]),
     CheckConstraint(_in("event_type", EVENT_TYPES), name="event_type"),
+    Column(
+        "baseline",
+        Boolean,
+        nullable=False,
+        server_default=text("false"),
+        comment="True for events of the first successful sync of the partition (the initial "
+        "load: the image existed before the service watched it); false otherwise.",
+    ),
     Index(None, "region_id", "image_id", "event_id"),
     Index(None, "occurred_at"),
     Index(None, "sync_run_id"),
     comment="Append-only history of every change to images, in event_id order.",
+)
+
+partitions = Table(
+    "partitions",
+    metadata,
+    Column("region_id", Text, nullable=False, comment="Partition region."),
+    Column("image_source", Text, nullable=False, comment="Partition image source."),
+    Column(
+        "configured",
+        Boolean,
+        nullable=False,
+        comment="True when the configuration of the latest `run` / `sync --once` start "
+        "(IMAGE_SYNC_REGIONS x IMAGE_SYNC_SOURCES) includes the partition.",
+    ),
+    _tz("first_configured_at", "When a start first had the partition configured.", nullable=False),
+    _tz("last_configured_at", "When a start last had the partition configured.", nullable=False),
+    _tz("unconfigured_at", "When a start last left the partition out; null while configured."),
+    PrimaryKeyConstraint("region_id", "image_source"),
+    comment="Registry of configured partitions, written when `image-sync run` or a "
+    "`sync --once` without --region/--source starts; health views show these.",
 )

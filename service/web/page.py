@@ -139,7 +139,8 @@ def _source_head(source: str, css: str = "") -> str:
 def partition_class(row: Any, interval: float) -> str:
     """ok / warn / bad / never for one sync_health row, given the source's interval."""
     if row is None or row.last_success_at is None:
-        return "never" if row is None or row.last_status == "succeeded" else "bad"
+        # A configured partition not attempted yet has no status: "never", not red.
+        return "never" if row is None or row.last_status in ("succeeded", None) else "bad"
     age = row.age_seconds or 0.0
     if age > 3 * interval:
         return "bad"
@@ -161,7 +162,7 @@ def _health(data: PageData, settings: Settings) -> str:
                 text, sub = "never", "not synced"
             else:
                 text = age_text(row.age_seconds) if row.last_success_at else "never"
-                sub = row.last_status
+                sub = row.last_status or "not synced"
             tip = (
                 f"{region}/{source}: last {sub}, last success {_time(row and row.last_success_at)}"
             )

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.dburl import parse_database_url
-from service.errors import ConfigError
+from service.errors import ListenError
 from service.metrics import Metrics
 from service.store import migrate
 from service.store.engine import describe_error
@@ -222,7 +222,9 @@ async def serve_status(context: StatusContext, host: str, port: int) -> AsyncIte
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError("IMAGE_SYNC_HTTP", f"cannot listen on {host}:{port}: {exc}") from None
+            # Not a configuration error (exit 2, which systemd does not restart): the port
+            # may be free again in a moment.
+            raise ListenError(f"IMAGE_SYNC_HTTP: cannot listen on {host}:{port}: {exc}") from None
         bound_host, bound_port = runner.addresses[0][:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
         log.info("status server at %s", url)
