@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.normalize import DISK_COLUMNS, IMAGE_COLUMNS, KNOWN_FIELDS, ImageRow, image_record
+from service.store.feed import record_batch
 from service.store.tables import EVENT_TYPES
 
 PARTITION_LOCK_SPACE = 0x1D5C
@@ -383,7 +384,7 @@ class PartitionWriter:
             removed = (
                 await conn.execute(sa.text(_REMOVE), {**params, "keep": list(keep_ids)})
             ).rowcount
-        return MergeCounts(
+        merged = MergeCounts(
             images_seen=seen,
             created=counts["created"],
             updated=counts["updated"],
@@ -393,6 +394,11 @@ class PartitionWriter:
             removed=removed,
             reappeared=counts["reappeared"],
         )
+        # Last: the feed clock's row lock is held to the commit (service.store.feed).
+        await record_batch(
+            conn, run_id=run_id, region=self.region, source=self.source, counts=merged.events()
+        )
+        return merged
 
 
 def _disk_tuple(d: Any) -> tuple[Any, ...]:
