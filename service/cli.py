@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if settings.database_url:
         secrets.append(_url_password(settings.database_url.get_secret_value()))
+    if settings.webhook_secret:
+        secrets.append(settings.webhook_secret.get_secret_value())
+    secrets += [h.secret.get_secret_value() for h in settings.webhooks if h.secret]
     redactor = setup_logging(
         log_format=settings.log_format, level=settings.log_level, secrets=secrets
     )

@@ -18,15 +18,17 @@ deliver for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.errors import DatabaseError
 from service.store.tables import FEED_POSITION_BITS
@@ -168,6 +170,25 @@ async def read_changes(conn: AsyncConnection, cursor: int, max_rows: int = 1000)
         )
         for r in result
     ]
+
+
+@asynccontextmanager
+async def listen(engine: AsyncEngine) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    """``LISTEN inventory_changes`` on a pooled connection held while the block runs;
+    the queue receives each notification's payload (a commit that recorded events)."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            queue.put_nowait(json.loads(payload))
+
+        await driver.add_listener(CHANNEL, on_notify)
+        try:
+            yield queue
+        finally:
+            await driver.remove_listener(CHANNEL, on_notify)
 
 
 def _json(value: Any) -> Mapping[str, Any]:
