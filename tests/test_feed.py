@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -323,3 +325,96 @@ async def truncate_events(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(sa.text("TRUNCATE inventory.image_events, inventory.change_batches"))
         await conn.execute(sa.text("UPDATE inventory.feed_clock SET batch = 0"))
+
+
+async def test_changes_follow_prints_a_commit_made_after_it_started(
+    engine: AsyncEngine, cli_env: dict[str, str]
+) -> None:
+    """``image-sync changes --follow`` (a subprocess) LISTENs, prints the event of a
+    commit made after it started as a JSON line, and exits 0 on Ctrl-C."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "changes", "--follow", "--type", "created",
+        env=cli_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    lock_conn, run_id = await _run(engine)
+    try:
+
+        async def listening() -> bool:
+            async with engine.connect() as conn:
+                return bool(
+                    await conn.scalar(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE query LIKE 'LISTEN%inventory_changes%'"
+                            " AND datname = current_database()"
+                        )
+                    )
+                )
+
+        for _ in range(150):
+            if await listening():
+                break
+            assert proc.returncode is None, await proc.communicate()
+            await asyncio.sleep(0.1)
+        await _merge(engine, run_id, "cn-north-1", _items("cn-north-1", ["f1"]))
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await release_run(lock_conn, run_id)
+        await lock_conn.close()
+    event = json.loads(line)
+    assert (event["image_id"], event["event_type"], event["region_id"]) == (
+        "img-f1",
+        "created",
+        "cn-north-1",
+    )
+    assert event["cursor"] > 0
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+
+
+async def test_changes_since_and_filters_and_usage(
+    engine: AsyncEngine, cli_env: dict[str, str]
+) -> None:
+    """--cursor 0 prints every event; --since bounds by commit time; filters; a bad
+    --since is a usage error (exit 2, one line, no traceback)."""
+    lock_conn, run_id = await _run(engine)
+    try:
+        await _merge(engine, run_id, "cn-north-1", _items("cn-north-1", ["s1", "s2"]))
+        await _merge(engine, run_id, "cn-east-1", _items("cn-east-1", ["s3"]))
+    finally:
+        await release_run(lock_conn, run_id)
+        await lock_conn.close()
+
+    async def changes(*args: str) -> tuple[int, list[dict[str, Any]], str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "changes", *args, env=cli_env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, [json.loads(x) for x in out.splitlines()], err.decode()
+
+    (
+        (code, every, _),
+        (code2, recent, _),
+        (_, after, _),
+        (code4, none, _),
+        (code5, _, err),
+    ) = await asyncio.gather(
+        changes("--cursor", "0"),
+        changes("--since", "1h", "--region", "cn-east-1"),
+        changes("--cursor", "16777217", "--type", "created"),  # after batch 1's first
+        changes("--type", "removed"),
+        changes("--since", "yesterday"),
+    )
+    assert code == 0 and [e["image_id"] for e in every] == ["img-s1", "img-s2", "img-s3"]
+    assert every[0]["cursor"] == 16777217
+    assert code2 == 0 and [e["image_id"] for e in recent] == ["img-s3"]
+    assert [e["image_id"] for e in after] == ["img-s2", "img-s3"]
+    assert code4 == 0 and none == []
+    assert code5 == 2 and "--since" in err and "Traceback" not in err
