@@ -15,18 +15,28 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from io import StringIO
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
+from rich.console import Console
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import load_settings
 from service.errors import ConfigError
+from service.jdcloud.client import open_session
+from service.metrics import Metrics
+from service.report import print_status
 from service.simulator import running_simulator
-from service.webhooks import subscribers_of
+from service.store.feed import try_lock_subscriber, unlock_subscriber
+from service.store.runs import release_run
+from service.web.data import page_data
+from service.web.page import render_page
+from service.webhooks import Dispatcher, subscribers_of
 from tests.fault_helpers import mutate
+from tests.test_feed import _items, _merge, _run
 
 SECRET = "whsec-test-3f9a"
 REGIONS = "cn-north-1,cn-east-1,cn-south-1"
@@ -227,3 +237,78 @@ def test_webhook_configuration_rules(tmp_path: Any) -> None:
     )
     with pytest.raises(ConfigError, match="unknown event type"):
         subscribers_of(load_settings({"S": "s"}, toml, needs_api=False))
+
+
+async def test_failing_subscriber_is_visible_and_resumes(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """A receiver answering 500: after the last attempt the subscriber is failing
+    (webhook_cursors, metric, `image-sync status`, status page) with its cursor kept;
+    once the receiver is back the next round delivers everything and clears it. A
+    second dispatcher (another replica) skips a subscriber whose lock is held."""
+
+    answers = [500, 500, 204]
+    bodies: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response(status=answers.pop(0) if len(answers) > 1 else answers[0])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    settings = make_settings(
+        IMAGE_SYNC_WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+        IMAGE_SYNC_WEBHOOK_SECRET=SECRET,
+        IMAGE_SYNC_WEBHOOK_FROM="beginning",
+        IMAGE_SYNC_WEBHOOK_MAX_ATTEMPTS="2",
+    )
+    (subscriber,) = subscribers_of(settings)
+    lock_conn, run_id = await _run(engine)
+    metrics = Metrics()
+    try:
+        await _merge(engine, run_id, "cn-north-1", _items("cn-north-1", ["w1", "w2"]))
+        async with open_session(connect_timeout=2, request_timeout=5, limit=4) as session:
+            dispatcher = Dispatcher(
+                engine, session, [subscriber], max_attempts=2, timeout=2, metrics=metrics
+            )
+            assert not await dispatcher.deliver(subscriber)
+            async with engine.connect() as conn:
+                data = await page_data(conn)
+            html = render_page(data, settings=settings, ready=True, reason="", error=None,
+                               tick_interval=900)  # fmt: skip
+            out = StringIO()
+            await print_status(engine, console=Console(file=out, width=120))
+            failing = metrics.webhook_failing.labels(subscriber.name)._value.get()
+            lag = metrics.webhook_lag_events.labels(subscriber.name)._value.get()
+            # Another replica holding the subscriber's lock: this one skips it.
+            async with engine.connect() as holder:
+                await holder.execution_options(isolation_level="AUTOCOMMIT")
+                assert await try_lock_subscriber(holder, subscriber.name)
+                assert not await dispatcher.deliver(subscriber)
+                await unlock_subscriber(holder, subscriber.name)
+            assert len(bodies) == 2
+            assert await dispatcher.deliver(subscriber)
+            recovered = metrics.webhook_failing.labels(subscriber.name)._value.get()
+            lag_after = metrics.webhook_lag_events.labels(subscriber.name)._value.get()
+        async with engine.connect() as conn:
+            state = (
+                await conn.execute(
+                    sa.text("SELECT failing, failures FROM inventory.webhook_cursors")
+                )
+            ).one()
+    finally:
+        await release_run(lock_conn, run_id)
+        await lock_conn.close()
+        await runner.cleanup()
+    assert (failing, lag) == (1, 2)
+    assert subscriber.name in html and "failing" in html and "http_500" in html
+    assert "failing" in out.getvalue() and subscriber.name in out.getvalue()
+    assert SECRET not in html + out.getvalue()
+    assert (recovered, lag_after) == (0, 0)
+    assert tuple(state) == (False, 0)
+    assert len(bodies) == 3 and bodies[0] == bodies[2]  # the same batch, redelivered
+    assert [e["image_id"] for e in json.loads(bodies[2])["events"]] == ["img-w1", "img-w2"]

@@ -328,3 +328,19 @@ async def subscriber_states(
         params["names"] = list(names)
     result = await conn.execute(sa.text(query + " ORDER BY subscriber"), params)
     return [SubscriberState(**r._mapping) for r in result]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatus:
+    """A subscriber's stored state and how far it lags the feed (status page, CLI)."""
+
+    state: SubscriberState
+    lag: Lag
+
+
+async def subscriber_statuses(conn: AsyncConnection) -> list[SubscriberStatus]:
+    """Every stored webhook subscriber with its lag, by name."""
+    return [
+        SubscriberStatus(state, await lag_of(conn, state.cursor))
+        for state in await subscriber_states(conn)
+    ]
