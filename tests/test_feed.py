@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.normalize import normalize_image
 from service.store.apply import PartitionWriter
-from service.store.feed import CHANNEL, read_changes, record_batch
+from service.store.feed import CHANNEL, event_id_floor, read_changes, record_batch
 from service.store.runs import release_run, start_run
 
 SOURCE = "private"
@@ -224,12 +224,14 @@ class _Interleaving:
         self.conns: dict[int, AsyncConnection] = {}
         self.clock: dict[int, asyncio.Task[int | None]] = {}
         self.inserted: dict[int, int] = {}
+        self.floor: dict[int, int] = {}
         self.committed: list[list[int]] = []  # event ids per commit, in commit order
 
     async def open(self, tx: int) -> AsyncConnection:
         if tx not in self.conns:
             self.conns[tx] = await self.engine.connect()
             await self.conns[tx].begin()
+            self.floor[tx] = await event_id_floor(self.conns[tx])
         return self.conns[tx]
 
     async def step(self, kind: str, tx: int, n: int) -> bool:
@@ -244,7 +246,14 @@ class _Interleaving:
             conn = self.conns[tx]
             counts = {"created": self.inserted[tx]}
             self.clock[tx] = asyncio.ensure_future(
-                record_batch(conn, run_id=self.run_id, region=region, source=SOURCE, counts=counts)
+                record_batch(
+                    conn,
+                    run_id=self.run_id,
+                    region=region,
+                    source=SOURCE,
+                    counts=counts,
+                    floor=self.floor[tx],
+                )
             )
             await asyncio.sleep(0.01)
         else:

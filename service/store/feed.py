@@ -42,15 +42,16 @@ SUBSCRIBER_LOCK_SPACE = 0x1D5E
 MAX_BATCH_EVENTS = (1 << FEED_POSITION_BITS) - 1
 """Events one transaction may file under one batch (the cursor's position bits)."""
 
-# The events this transaction inserted for the partition: xmin is the inserting
-# transaction (the merge runs no subtransactions). Scanned from the newest event id
-# down, so only events newer than this transaction's first one are visited.
+# The events this transaction inserted for the partition: those after the floor read
+# before the merge inserted any (so the primary key is scanned over the last few events
+# only, never a region's whole history) whose xmin is this transaction (the merge runs
+# no subtransactions).
 _RECORD_BATCH = """
 WITH mine AS (
     SELECT e.event_id FROM inventory.image_events e
-     WHERE e.xmin = pg_current_xact_id()::xid
+     WHERE e.event_id > :floor
+       AND e.xmin = pg_current_xact_id()::xid
        AND e.sync_run_id = :run_id AND e.region_id = :region AND e.image_source = :source
-     ORDER BY e.event_id DESC LIMIT :expected
 ), ids AS (
     SELECT count(*)::integer AS n, array_agg(event_id ORDER BY event_id) AS ids FROM mine
 ), clock AS (
@@ -88,6 +89,18 @@ SELECT coalesce(sum(b.event_count), 0)::bigint
 """
 
 
+_FLOOR = """
+SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+  FROM inventory.image_events_event_id_seq
+"""
+
+
+async def event_id_floor(conn: AsyncConnection) -> int:
+    """An event id below every id this transaction will take from now on: the last one
+    the sequence handed out (to any session; the sequence caches no values)."""
+    return int(await conn.scalar(sa.text(_FLOOR)) or 0)
+
+
 def cursor_of(batch: int, position: int) -> int:
     """The feed cursor of the ``position``-th (1-based) event of ``batch``."""
     return (batch << FEED_POSITION_BITS) | position
@@ -119,18 +132,20 @@ async def record_batch(
     region: str,
     source: str,
     counts: Mapping[str, int],
+    floor: int,
 ) -> int | None:
     """File the events this transaction recorded for the partition as the feed's next
     batch and queue the NOTIFY; returns the batch's last cursor, or None (and writes
-    nothing) when there were no events. Call it last before the commit: the feed clock
-    stays locked until then, and other partitions wait for it to take their number."""
+    nothing) when there were no events. ``floor`` is :func:`event_id_floor` read before
+    the events were inserted. Call it last before the commit: the feed clock stays
+    locked until then, and other partitions wait for it to take their number."""
     expected = sum(counts.values())
     if expected == 0:
         return None
     if expected > MAX_BATCH_EVENTS:
         raise DatabaseError(f"{expected} events in one partition: the feed takes at most "
                             f"{MAX_BATCH_EVENTS} per commit")  # fmt: skip
-    params = {"run_id": run_id, "region": region, "source": source, "expected": expected}
+    params = {"run_id": run_id, "region": region, "source": source, "floor": floor}
     row = (await conn.execute(sa.text(_RECORD_BATCH), params)).one()
     if row.event_count != expected:
         # A bug, not an outage: roll the partition back rather than file a wrong batch.
