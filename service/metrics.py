@@ -147,3 +147,5 @@ class Metrics:
             self.webhook_lag_seconds,
         ):
             metric.labels(subscriber)
+        for reason in ("timeout", "connection"):
+            self.webhook_failures.labels(subscriber, reason)
