@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from service.config import FILE_VARIABLES, SOURCES, VARIABLES, Settings, load_se
 from service.dburl import parse_database_url
 from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
 from service.logs import setup_logging
+from service.store.tables import EVENT_TYPES
 
 log = logging.getLogger("service.cli")
 
@@ -80,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON document (keys: README.md)")
     p.set_defaults(handler=_status)
+
+    p = sub.add_parser(
+        "changes",
+        help="the change feed: events in commit order (a table on a TTY, else JSON lines)",
+        description="Print image events in commit order from the change feed "
+        "(inventory.changes_since). Default start: the commits of the last hour.",
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--since",
+        type=_duration_argument,
+        metavar="DURATION",
+        help="events committed in the last DURATION: 30s, 15m, 1h (default), 2d, 1w",
+    )
+    start.add_argument(
+        "--cursor", type=_cursor_argument, metavar="N", help="events after feed cursor N (0: all)"
+    )
+    p.add_argument("--follow", action="store_true", help="keep printing commits as they happen")
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p.add_argument("--type", action="append", metavar="T", choices=EVENT_TYPES,
+                   help="only this event type (repeatable)")  # fmt: skip
+    p.add_argument("--region", action="append", metavar="R", type=_region_argument,
+                   help="only this region (repeatable)")  # fmt: skip
+    p.add_argument("--source", action="append", metavar="S", choices=SOURCES,
+                   help="only this source (repeatable)")  # fmt: skip
+    p.set_defaults(handler=_changes)
 
     p = sub.add_parser("check", help="verify the database invariants; exit 1 on any failure")
     p.add_argument("--json", action="store_true", help='{"ok": bool, "problems": [...]}')
@@ -149,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.database_url:
         # The password however given: user-info, ?password=, or inside DATABASE_URL_FILE.
         secrets.append(parse_database_url(settings.database_url.get_secret_value()).password)
+    if settings.webhook_secret:
+        secrets.append(settings.webhook_secret.get_secret_value())
+    secrets += [h.secret.get_secret_value() for h in settings.webhooks if h.secret]
     redactor = setup_logging(
         log_format=settings.log_format, level=settings.log_level, secrets=secrets
     )
@@ -189,6 +220,21 @@ def _count_argument(value: str) -> int:
 
 def _warn(line: str) -> None:
     print(f"image-sync: warning: {line}", file=sys.stderr)
+
+
+def _duration_argument(value: str) -> timedelta:
+    from service.changes import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cursor_argument(value: str) -> int:
+    if not value.isdigit() or len(value) > 19 or int(value) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a feed cursor (0 or more)")
+    return int(value)
 
 
 def _region_argument(value: str) -> str:
@@ -271,6 +317,25 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         else:
             await print_status(database.engine, runs=args.runs)
     return 0
+
+
+async def _changes(args: argparse.Namespace, settings: Settings) -> int:
+    from service.changes import ChangesQuery, print_changes
+    from service.store import migrate
+    from service.store.engine import open_database
+
+    query = ChangesQuery(
+        cursor=args.cursor,
+        since=args.since or timedelta(hours=1),
+        types=frozenset(args.type or ()),
+        regions=frozenset(args.region or ()),
+        sources=frozenset(args.source or ()),
+        follow=args.follow,
+        as_json=args.json or not sys.stdout.isatty(),
+    )
+    async with open_database(settings, pool_size=2) as database:
+        await migrate.ensure_current(database.engine)
+        return await print_changes(database.engine, query)
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:

@@ -71,6 +71,11 @@ VARIABLES: dict[str, str] = {
     "IMAGE_SYNC_MAX_URL_LENGTH": "max_url_length",
     "IMAGE_SYNC_STATEMENT_TIMEOUT": "statement_timeout",
     "IMAGE_SYNC_KEEP_RUNS_DAYS": "keep_runs_days",
+    "IMAGE_SYNC_WEBHOOK_URL": "webhook_url",
+    "IMAGE_SYNC_WEBHOOK_SECRET": "webhook_secret",
+    "IMAGE_SYNC_WEBHOOK_FROM": "webhook_from",
+    "IMAGE_SYNC_WEBHOOK_MAX_ATTEMPTS": "webhook_max_attempts",
+    "IMAGE_SYNC_WEBHOOK_TIMEOUT": "webhook_timeout",
     **{f"IMAGE_SYNC_INTERVAL_{s.upper()}": f"interval_{s}" for s in SOURCES},
 }
 _FIELD_TO_VARIABLE = {v: k for k, v in VARIABLES.items()}
@@ -103,6 +108,68 @@ def region_id(value: Any) -> str:
     if not isinstance(value, str) or not _REGION_RE.match(value):
         raise ValueError(f"{value!r} is not a region id like cn-north-1")
     return value
+
+
+def webhook_url(value: str) -> str:
+    """``value`` when it is an https URL, or http on a loopback host; else ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("is not an https URL like https://hooks.example.com/image-sync")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must be https (plain http only to a loopback address)")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    return value
+
+
+def _public_url(url: str) -> str:
+    """``url`` without user-info and query (where a token may hide): safe to show."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebhookConfig(BaseModel):
+    """One ``[[webhooks]]`` table of the TOML file. ``secret`` is filled from the
+    environment variable ``secret_env`` names (a secret is never written in the file)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", str_strip_whitespace=True, populate_by_name=True
+    )
+
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    url: str
+    secret_env: str = Field(min_length=1)
+    secret: SecretStr | None = Field(default=None, exclude=True)
+    event_types: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()
+    from_: Literal["end", "beginning"] = Field(default="end", alias="from")
+
+    _url = field_validator("url")(webhook_url)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for source in value:
+            if source not in SOURCES:
+                raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
+        return value
 
 
 class Settings(BaseModel):
@@ -141,6 +208,12 @@ class Settings(BaseModel):
     interval_private: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     interval_shared: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     interval_community: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_from: Literal["end", "beginning"] = "end"
+    webhook_max_attempts: int = Field(default=5, ge=1, le=50)
+    webhook_timeout: float = Field(default=10, gt=0, le=300)
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     _blank_is_none = field_validator(
         "database_url",
@@ -148,6 +221,8 @@ class Settings(BaseModel):
         "secret_key",
         "security_token",
         "log_format",
+        "webhook_url",
+        "webhook_secret",
         *(f"interval_{s}" for s in SOURCES),
         mode="before",
     )(_none_if_blank)
@@ -179,6 +254,16 @@ class Settings(BaseModel):
         if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value.strip()):
             raise ValueError("contains a control character (a newline?); the value is not shown")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if value is None else webhook_url(value)
+
+    @field_validator("webhook_from", mode="before")
+    @classmethod
+    def _webhook_from(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -247,15 +332,7 @@ class Settings(BaseModel):
     def is_local_endpoint(self) -> bool:
         """True for a plain-http loopback endpoint: the built-in simulator or a test server."""
         parts = urlsplit(self.endpoint)
-        host = parts.hostname or ""
-        if parts.scheme != "http":
-            return False
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return parts.scheme == "http" and _is_loopback(parts.hostname or "")
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -289,6 +366,8 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if name == "database_url" and value is not None:
                 out[variable] = parse_database_url(value.get_secret_value()).display()
+            elif name == "webhook_url" and value is not None:
+                out[variable] = _public_url(value)
             elif isinstance(value, SecretStr):
                 out[variable] = "********"
             elif isinstance(value, tuple):
@@ -367,6 +446,8 @@ def load_settings(
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else ""
         variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
+        if name == "webhooks" and len(error["loc"]) > 1:
+            variable = f"webhooks[{error['loc'][1]}]" + "".join(f".{p}" for p in error["loc"][2:])
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
         if name not in (
@@ -378,6 +459,7 @@ def load_settings(
         ) and isinstance(value, str | int | float):
             message = f"{message} (got {value!r})"
         raise ConfigError(variable, message) from None
+    settings = _webhook_secrets(settings, environ)
     if bool(settings.access_key) != (settings.secret_key is not None):
         # Half a key pair is a mistake on any endpoint (the simulator's demo pair
         # would otherwise be used silently).
@@ -417,6 +499,26 @@ def _read_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _webhook_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """Fill each ``[[webhooks]]`` secret from its ``secret_env`` variable; require the
+    secret of ``IMAGE_SYNC_WEBHOOK_URL``."""
+    if settings.webhook_url and settings.webhook_secret is None:
+        raise ConfigError(
+            "IMAGE_SYNC_WEBHOOK_SECRET", "required when IMAGE_SYNC_WEBHOOK_URL is set"
+        )
+    if settings.webhook_secret is not None and not settings.webhook_url:
+        raise ConfigError("IMAGE_SYNC_WEBHOOK_SECRET", "set without IMAGE_SYNC_WEBHOOK_URL")
+    hooks = []
+    for index, hook in enumerate(settings.webhooks):
+        secret = environ.get(hook.secret_env, "").strip()
+        if not secret:
+            raise ConfigError(
+                f"webhooks[{index}].secret_env", f"the variable {hook.secret_env} is not set"
+            )
+        hooks.append(hook.model_copy(update={"secret": SecretStr(secret)}))
+    return settings.model_copy(update={"webhooks": tuple(hooks)})
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -428,6 +530,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "webhooks":  # [[webhooks]]: a list of tables, not a variable
+            out["webhooks"] = value
+            continue
         variable = key.upper()
         if variable not in VARIABLES:
             raise ConfigError(

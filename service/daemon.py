@@ -54,9 +54,11 @@ from service.metrics import Metrics
 from service.runtime import Runtime, open_runtime
 from service.store import migrate
 from service.store.engine import describe_error
+from service.store.feed import listen
 from service.store.registry import register_configuration
 from service.store.runs import mark_abandoned, prune_runs
 from service.sync import Partition, SyncReport, sync_once
+from service.webhooks import Dispatcher, subscribers_of
 
 __all__ = ["Daemon", "DaemonState", "run_daemon"]
 
@@ -99,6 +101,20 @@ class Daemon:
         self._tick_task: asyncio.Task[None] | None = None
         self._startup_tick: asyncio.Task[None] | None = None
         self._ticks = 0
+        subscribers = subscribers_of(self.settings)
+        self.webhooks = (
+            Dispatcher(
+                runtime.database.engine,
+                runtime.session,
+                subscribers,
+                max_attempts=self.settings.webhook_max_attempts,
+                timeout=self.settings.webhook_timeout,
+                metrics=runtime.metrics,
+            )
+            if subscribers
+            else None
+        )
+        self._wake_webhooks = asyncio.Event()
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -182,6 +198,7 @@ class Daemon:
         except DatabaseError as exc:
             log.error("tick: %s", exc)
             return None
+        self._wake_webhooks.set()
         return report
 
     async def _scheduled_tick(self) -> None:
@@ -234,6 +251,30 @@ class Daemon:
         self._startup_tick = asyncio.ensure_future(self._scheduled_tick())
         return scheduler
 
+    async def _serve_webhooks(self, dispatcher: Dispatcher) -> None:
+        """Delivery rounds after each tick, on each NOTIFY of a commit, and every tick
+        interval (a failing subscriber is retried then), until the daemon stops."""
+        relay = asyncio.ensure_future(self._relay_notifications())
+        try:
+            await dispatcher.run(self._stop, self._wake_webhooks, self.tick_interval)
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+
+    async def _relay_notifications(self) -> None:
+        engine = self.runtime.database.engine
+        while not self._stop.is_set():
+            try:
+                async with listen(engine) as queue:
+                    while True:
+                        await queue.get()
+                        self._wake_webhooks.set()
+            except (OSError, sa.exc.SQLAlchemyError) as exc:
+                log.warning("webhooks: cannot LISTEN: %s", describe_error(exc, str(engine.url)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.tick_interval)
+
     # -- lifecycle --------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -260,10 +301,18 @@ class Daemon:
             self.jitter,
             sources,
         )
+        webhooks = (
+            asyncio.ensure_future(self._serve_webhooks(self.webhooks)) if self.webhooks else None
+        )
         try:
             await self._stop.wait()
         finally:
             self.state = DaemonState.STOPPING
+            if webhooks is not None:
+                # A batch in flight is not acknowledged: it is delivered again later.
+                webhooks.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await webhooks
             # Pause first: shutting the scheduler down would cancel the tick in hand.
             self._scheduler.pause()
             await self._drain()

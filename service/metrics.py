@@ -85,6 +85,43 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)
+        self.webhook_deliveries = Counter(
+            "image_sync_webhook_deliveries",
+            "Webhook batches acknowledged (2xx), by subscriber.",
+            ["subscriber"],
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "image_sync_webhook_events",
+            "Events in acknowledged webhook batches, by subscriber.",
+            ["subscriber"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "image_sync_webhook_failures",
+            "Failed webhook POST attempts by subscriber and reason "
+            "(http_<status>, timeout, connection).",
+            ["subscriber", "reason"],
+            registry=r,
+        )
+        self.webhook_failing = Gauge(
+            "image_sync_webhook_failing",
+            "1 while a subscriber's last delivery failed all its attempts.",
+            ["subscriber"],
+            registry=r,
+        )
+        self.webhook_lag_events = Gauge(
+            "image_sync_webhook_lag_events",
+            "Events committed after the subscriber's cursor (not yet acknowledged).",
+            ["subscriber"],
+            registry=r,
+        )
+        self.webhook_lag_seconds = Gauge(
+            "image_sync_webhook_lag_seconds",
+            "Age of the oldest event the subscriber has not acknowledged (0 when caught up).",
+            ["subscriber"],
+            registry=r,
+        )
 
     def initialise(self, regions: Iterable[str], sources: Iterable[str]) -> None:
         """Create the labelled counters at 0 for the configured partitions, so that
@@ -99,3 +136,16 @@ class Metrics:
                     self.partitions.labels(region, source, status)
         for event_type in EVENT_TYPES:
             self.events.labels(event_type)
+
+    def initialise_webhook(self, subscriber: str) -> None:
+        """Create a subscriber's series at 0 (alerts see them before the first failure)."""
+        for metric in (
+            self.webhook_deliveries,
+            self.webhook_events,
+            self.webhook_failing,
+            self.webhook_lag_events,
+            self.webhook_lag_seconds,
+        ):
+            metric.labels(subscriber)
+        for reason in ("timeout", "connection"):
+            self.webhook_failures.labels(subscriber, reason)

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.store.feed import subscriber_statuses
+
 HEALTH_SQL = """
 SELECT region_id, image_source, last_status, last_success_at, age_seconds,
        last_error_status, last_error_message, configured
@@ -139,6 +141,7 @@ async def print_status(
     for r in await fetch(engine, RUNS_SQL, n=runs):
         table.add_row(*(_run_cell(r, column, wide) for _, column in shown))
     console.print(table)
+    await _print_webhooks(engine, console)
 
 
 def _run_cell(row: Any, column: str, wide: bool) -> str:
@@ -146,3 +149,25 @@ def _run_cell(row: Any, column: str, wide: bool) -> str:
     if column == "started_at":
         return str(value.isoformat(timespec="seconds") if wide else value.strftime("%m-%d %H:%M"))
     return str(value)
+
+
+async def _print_webhooks(engine: AsyncEngine, console: Console) -> None:
+    """Webhook subscribers, when any are stored: failing ones first catch the eye."""
+    async with engine.connect() as conn:
+        statuses = await subscriber_statuses(conn)
+    if not statuses:
+        return
+    table = Table(title="Webhook subscribers", title_justify="left")
+    for column in ("subscriber", "state", "lag", "age", "last delivery", "error"):
+        table.add_column(column, justify="right" if column in ("lag", "age") else "left")
+    for w in statuses:
+        st = w.state
+        table.add_row(
+            st.subscriber,
+            "[red]failing[/red]" if st.failing else "ok",
+            str(w.lag.events),
+            _age(w.lag.seconds),
+            st.delivered_at.isoformat(timespec="seconds") if st.delivered_at else "never",
+            st.last_error or "",
+        )
+    console.print(table)

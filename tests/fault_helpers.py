@@ -25,7 +25,8 @@ from service.embedded import EmbeddedPostgres, throwaway_postgres
 
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
-    "inventory.sync_partitions, inventory.sync_runs, inventory.partitions"
+    "inventory.sync_partitions, inventory.sync_runs, inventory.partitions, "
+    "inventory.change_batches, inventory.webhook_cursors"
 )
 
 
@@ -48,6 +49,7 @@ async def assert_after_crash(engine: AsyncEngine, crashed_runs: int | None = Non
 async def truncate(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(sa.text(f"TRUNCATE {INVENTORY_TABLES} RESTART IDENTITY CASCADE"))
+        await conn.execute(sa.text("UPDATE inventory.feed_clock SET batch = 0"))
 
 
 async def history(engine: AsyncEngine) -> dict[str, Any]:

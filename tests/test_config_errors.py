@@ -37,6 +37,11 @@ BAD_VALUES: dict[str, str] = {
     "IMAGE_SYNC_MAX_URL_LENGTH": "10",
     "IMAGE_SYNC_STATEMENT_TIMEOUT": "-1",
     "IMAGE_SYNC_KEEP_RUNS_DAYS": "0",
+    "IMAGE_SYNC_WEBHOOK_URL": "http://hooks.example.com/image-sync",  # not https
+    "IMAGE_SYNC_WEBHOOK_SECRET": "whsec-1",  # without a URL to sign for
+    "IMAGE_SYNC_WEBHOOK_FROM": "yesterday",
+    "IMAGE_SYNC_WEBHOOK_MAX_ATTEMPTS": "0",
+    "IMAGE_SYNC_WEBHOOK_TIMEOUT": "0",
     **{f"IMAGE_SYNC_INTERVAL_{s}": "never" for s in
        ("PUBLIC", "THIRDPARTY", "PRIVATE", "SHARED", "COMMUNITY")},
 }  # fmt: skip
@@ -51,6 +56,7 @@ MORE_BAD: list[tuple[str, dict[str, str]]] = [
     ("IMAGE_SYNC_REGIONS", {"IMAGE_SYNC_REGIONS": ","}),
     ("IMAGE_SYNC_SOURCES", {"IMAGE_SYNC_SOURCES": ""}),
     ("IMAGE_SYNC_HTTP", {"IMAGE_SYNC_HTTP": "127.0.0.1:99999"}),
+    ("IMAGE_SYNC_WEBHOOK_SECRET", {"IMAGE_SYNC_WEBHOOK_URL": "https://hooks.example.com/x"}),
     ("JDCLOUD_SECRET_KEY", {"JDCLOUD_ACCESS_KEY": "ak", "JDCLOUD_ENDPOINT": "https://x.example"}),
 ]
 

@@ -15,6 +15,7 @@ from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.sync import sync_once
 from service.web.server import StatusContext, serve_status
+from service.webhooks import Dispatcher, subscribers_of
 from tests.test_deploy import (
     SCRAPE_SERIES,
     grafana_sql_queries,
@@ -70,6 +71,13 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_on_the_live_metrics_e
     metrics = Metrics()
     settings = await synced(engine, make_settings, metrics)
     metrics.up.set(1)
+    # The daemon's dispatcher creates the webhook series of each configured subscriber.
+    hooks = make_settings(
+        IMAGE_SYNC_WEBHOOK_URL="https://hooks.example.com/image-sync",
+        IMAGE_SYNC_WEBHOOK_SECRET="whsec-dashboard",
+    )
+    async with aiohttp.ClientSession() as session:
+        Dispatcher(engine, session, subscribers_of(hooks), metrics=metrics)
     context = StatusContext(engine=engine, settings=settings, metrics=metrics)
     async with (
         serve_status(context, "127.0.0.1", 0) as url,

@@ -78,6 +78,12 @@ CONTRACT_METRICS = {
     "image_sync_images": "gauge",
     "image_sync_partition_last_success_timestamp_seconds": "gauge",
     "image_sync_up": "gauge",
+    "image_sync_webhook_deliveries_total": "counter",
+    "image_sync_webhook_events_total": "counter",
+    "image_sync_webhook_failures_total": "counter",
+    "image_sync_webhook_failing": "gauge",
+    "image_sync_webhook_lag_events": "gauge",
+    "image_sync_webhook_lag_seconds": "gauge",
 }
 # Series Prometheus itself adds to every scrape.
 SCRAPE_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})

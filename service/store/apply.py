@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.normalize import DISK_COLUMNS, IMAGE_COLUMNS, KNOWN_FIELDS, ImageRow, image_record
+from service.store.feed import event_id_floor, record_batch
 from service.store.tables import EVENT_TYPES
 
 PARTITION_LOCK_SPACE = 0x1D5C
@@ -355,6 +356,7 @@ class PartitionWriter:
             ),
             params,
         )
+        floor = await event_id_floor(conn)  # for the change feed, below
         await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
         await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
@@ -396,7 +398,7 @@ class PartitionWriter:
             removed = (
                 await conn.execute(sa.text(_REMOVE), {**params, "keep": list(keep_ids)})
             ).rowcount
-        return MergeCounts(
+        merged = MergeCounts(
             images_seen=seen,
             created=counts["created"],
             updated=counts["updated"],
@@ -406,6 +408,16 @@ class PartitionWriter:
             removed=removed,
             reappeared=counts["reappeared"],
         )
+        # Last: the feed clock's row lock is held to the commit (service.store.feed).
+        await record_batch(
+            conn,
+            run_id=run_id,
+            region=self.region,
+            source=self.source,
+            counts=merged.events(),
+            floor=floor,
+        )
+        return merged
 
 
 def _disk_tuple(d: Any) -> tuple[Any, ...]:

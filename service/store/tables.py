@@ -297,3 +297,96 @@ partitions = Table(
     comment="Registry of configured partitions, written when `image-sync run` or a "
     "`sync --once` without --region/--source starts; health views show these.",
 )
+
+# -- change feed (migration 0005) --------------------------------------------------------
+
+FEED_POSITION_BITS = 24
+"""An event's feed cursor is ``batch << 24 | position``: ``batch`` numbers the commits
+that recorded events (``change_batches.batch``), ``position`` (1-based) the event within
+its commit. A cursor ending in 24 zero bits stands before its batch."""
+
+feed_clock = Table(
+    "feed_clock",
+    metadata,
+    Column(
+        "singleton",
+        Boolean,
+        nullable=False,
+        server_default=text("true"),
+        comment="Always true: the table has exactly one row.",
+    ),
+    Column(
+        "batch",
+        BigInteger,
+        nullable=False,
+        server_default="0",
+        comment="Number of the last commit that recorded events. Incremented by each such "
+        "commit as its last statement; the row lock held to commit orders the commits.",
+    ),
+    PrimaryKeyConstraint("singleton"),
+    CheckConstraint("singleton", name="singleton"),
+    comment="The change feed's commit counter (one row); see docs/queries.md, Change feed.",
+)
+
+change_batches = Table(
+    "change_batches",
+    metadata,
+    Column(
+        "batch",
+        BigInteger,
+        nullable=False,
+        comment="Commit number from feed_clock: batches become visible in this order.",
+    ),
+    _tz(
+        "committed_at",
+        "When the batch took its number (moments before its commit).",
+        nullable=False,
+    ),
+    Column("run_id", BigInteger, nullable=False, comment="The sync run that recorded it."),
+    Column("region_id", Text, nullable=False, comment="Partition region."),
+    Column("image_source", Text, nullable=False, comment="Partition image source."),
+    Column("event_count", Integer, nullable=False, comment="Number of events in the batch."),
+    Column(
+        "event_ids",
+        ARRAY(BigInteger),
+        nullable=False,
+        comment="image_events.event_id of the batch's events, in event_id order; an "
+        "event's position in the feed is its 1-based index here.",
+    ),
+    PrimaryKeyConstraint("batch"),
+    comment="One row per committed partition transaction that recorded events: the "
+    "commit-ordered batches read by changes_since().",
+)
+
+webhook_cursors = Table(
+    "webhook_cursors",
+    metadata,
+    Column(
+        "subscriber",
+        Text,
+        nullable=False,
+        comment="Stable subscriber name: the [[webhooks]] name, or url- and a hash of the "
+        "URL without credentials.",
+    ),
+    Column("url", Text, nullable=False, comment="The webhook URL, credentials removed."),
+    Column(
+        "cursor",
+        BigInteger,
+        nullable=False,
+        comment="Feed cursor of the last event the subscriber acknowledged (2xx).",
+    ),
+    _tz("created_at", "When the subscriber was first seen.", nullable=False),
+    _tz("delivered_at", "When a batch was last acknowledged."),
+    _tz("attempted_at", "When a delivery was last attempted."),
+    Column(
+        "failing",
+        Boolean,
+        nullable=False,
+        server_default=text("false"),
+        comment="True after a delivery failed all its attempts, until one succeeds.",
+    ),
+    _count("failures", "Deliveries that failed all their attempts since the last success."),
+    Column("last_error", Text, comment="Why the last failed delivery failed (no secrets)."),
+    PrimaryKeyConstraint("subscriber"),
+    comment="Per webhook subscriber: how far it has acknowledged the change feed.",
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.config import OFFLINE_SOURCES
 from service.metrics import Metrics
 from service.report import HEALTH_SQL, RUNS_SQL, SUMMARY_SQL
+from service.store.feed import SubscriberStatus, subscriber_statuses
 
 NEWEST_SUCCESS_SQL = """
 SELECT extract(epoch FROM clock_timestamp() - max(finished_at))::double precision
@@ -104,6 +105,11 @@ async def refresh_gauges(
     metrics.last_success.clear()
     for (region, source), ts in last.items():
         metrics.last_success.labels(region, source).set(ts)
+    for status in await subscriber_statuses(conn):
+        name = status.state.subscriber
+        metrics.webhook_failing.labels(name).set(1 if status.state.failing else 0)
+        metrics.webhook_lag_events.labels(name).set(status.lag.events)
+        metrics.webhook_lag_seconds.labels(name).set(status.lag.seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +146,7 @@ class PageData:
     summary: list[sa.Row[Any]]
     transitions: Transitions
     durations: list[RunDuration]
+    webhooks: list[SubscriberStatus] = field(default_factory=list)
 
 
 def bucket_width(span_seconds: float) -> int:
@@ -184,4 +191,5 @@ async def page_data(conn: AsyncConnection, *, runs: int = 12, durations: int = 4
             RunDuration(r.run_id, r.started_at, r.status, r.partitions, r.seconds)
             for r in reversed((await conn.execute(sa.text(DURATIONS_SQL), {"n": durations})).all())
         ],
+        webhooks=await subscriber_statuses(conn),
     )

@@ -374,6 +374,30 @@ def _runs(data: PageData) -> str:
     )
 
 
+def _webhooks(data: PageData) -> str:
+    """Webhook subscribers (only when there are any): failing, lag, last error."""
+    if not data.webhooks:
+        return ""
+    rows = []
+    for w in data.webhooks:
+        st = w.state
+        tag = '<span class="tag bad">failing</span>' if st.failing else (
+            '<span class="tag ok">ok</span>')  # fmt: skip
+        delivered = _short_time(st.delivered_at, True) if st.delivered_at else "never"
+        rows.append(
+            f"<tr><td>{escape(st.subscriber)}</td><td>{escape(st.url)}</td><td>{tag}</td>"
+            f"<td class=n>{w.lag.events:,}</td><td class=n>{escape(age_text(w.lag.seconds))}</td>"
+            f"<td>{escape(delivered)}</td><td>{escape(st.last_error or '')}</td></tr>"
+        )
+    return (
+        '<section class="wide"><h2>Webhook subscribers</h2><div class="scroll"><table>'
+        "<tr><th>subscriber</th><th>url</th><th>state</th><th class=n>lag events</th>"
+        "<th class=n>lag</th><th>last delivery</th><th>last error</th></tr>"
+        + "".join(rows)
+        + "</table></div></section>"
+    )
+
+
 def render_page(
     data: PageData | None,
     *,
@@ -402,6 +426,7 @@ def render_page(
             _transitions(data),
             _durations(data),
             _runs(data),
+            _webhooks(data),
         ]
     intervals = ", ".join(f"{s} {age_text(settings.interval_for(s))}" for s in settings.sources)
     return (
