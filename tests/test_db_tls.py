@@ -9,6 +9,7 @@ run it again on the same cluster of its own.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import re
@@ -305,12 +306,12 @@ async def test_refused_connection_is_one_line_exit_1(tls_pg: TlsPostgres, case: 
     host, params, expected = REFUSED[case]
     files = {"CA": str(tls_pg.ca), "OTHER_CA": str(tls_pg.other_ca)}
     params = {k: files.get(v, v) for k, v in params.items()}
-    # `run` too, on one case: the daemon opens the database the same way.
-    commands = ("migrate", "status", "run") if case == "wrong-ca" else ("migrate", "status")
-    for command in commands:
-        # A loopback endpoint, so `run` needs no keys; it stops at the database first.
-        env = _env(DATABASE_URL=tls_pg.url(host, **params), JDCLOUD_ENDPOINT="http://127.0.0.1:9")
-        code, out, err = await run_cli(env, command)
+    # `status` and `run` too, on one case: every command opens the database the same way.
+    commands = ("migrate", "status", "run") if case == "wrong-ca" else ("migrate",)
+    # A loopback endpoint, so `run` needs no keys; it stops at the database first.
+    env = _env(DATABASE_URL=tls_pg.url(host, **params), JDCLOUD_ENDPOINT="http://127.0.0.1:9")
+    results = await asyncio.gather(*(run_cli(env, command) for command in commands))
+    for command, (code, out, err) in zip(commands, results, strict=True):
         line = _one_line(err)
         assert code == 1, (command, line)
         assert line.startswith("image-sync: database: cannot connect to "), line

@@ -34,7 +34,13 @@ def describe_error(exc: BaseException, url: str = "") -> str:
     """One line about a driver error. It never carries a password: the driver's
     messages do not, and ``url`` (kept for the callers' sake) is not quoted."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the server's certificate was refused: {exc.verify_message} (sslrootcert?)"
+        reason = str(exc.verify_message).rstrip(".")
+        hint = (
+            "the URL's host is not a name in the certificate"
+            if "mismatch" in reason
+            else "is sslrootcert the CA that signed it?"
+        )
+        return f"TLS: the server's certificate was refused: {reason} ({hint})"
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text and text[0] else type(exc).__name__
 
