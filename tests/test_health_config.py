@@ -20,6 +20,7 @@ from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
 from service.sync import sync_once
+from service.web.data import refresh_gauges
 from tests.fault_helpers import mutate
 from tests.test_api_faults import run_cli
 from tests.test_schema import scratch_engine  # noqa: F401 - the fixture
@@ -66,6 +67,14 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
         async with open_runtime(settings) as runtime:
             daemon = Daemon(runtime)
             assert await daemon.tick(aligned=False) is None  # logged, not raised
+            async with engine.connect() as conn:  # what /metrics does on each scrape
+                await refresh_gauges(conn, runtime.metrics, settings.regions, settings.sources)
+            failing = [
+                runtime.metrics.registry.get_sample_value(
+                    "image_sync_partition_failing", {"region": p.region, "source": p.source}
+                )
+                for p in daemon.partitions
+            ]
             failed = sum(
                 runtime.metrics.registry.get_sample_value(
                     "image_sync_partitions_total",
@@ -79,7 +88,8 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
     assert {r.last_status for r in rows} == {"failed"}
     assert {r.last_error_status for r in rows} == {"UNAUTHENTICATED"}
     assert all("refused the credentials" in r.last_error_message for r in rows)
-    assert failed == PARTITIONS  # what the ImageSyncPartitionFailing alert reads
+    assert failed == PARTITIONS  # what ImageSyncPartitionFailureRatio reads
+    assert failing == [1.0] * PARTITIONS  # what ImageSyncPartitionFailing reads
     async with engine.connect() as conn:
         partitions = await conn.scalar(sa.text("SELECT partitions FROM inventory.sync_runs"))
     assert partitions == PARTITIONS
