@@ -309,3 +309,20 @@ def test_ages_are_never_negative() -> None:
 
     # A success recorded while the page read the clock: -0.4 s is "0s", not "-0s".
     assert [_age(-0.4), _age(-3.0), _age(0.6), _age(None)] == ["0s", "0s", "1s", "never"]
+
+
+async def test_inventory_reader_reads_the_registry(engine: AsyncEngine) -> None:
+    from service.store.registry import register_configuration
+
+    await register_configuration(engine, [("cn-north-1", "private")])
+    async with engine.connect() as conn:
+        await conn.execute(sa.text("SET ROLE inventory_reader"))
+        rows = (await conn.execute(sa.text("SELECT * FROM inventory.partitions"))).all()
+        health = (await conn.execute(sa.text("SELECT * FROM inventory.sync_health"))).all()
+        await conn.execute(sa.text("RESET ROLE"))
+    assert [(r.region_id, r.image_source, r.configured) for r in rows] == [
+        ("cn-north-1", "private", True)
+    ]
+    assert [(r.region_id, r.last_status, r.configured) for r in health] == [
+        ("cn-north-1", None, True)
+    ]
