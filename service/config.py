@@ -391,7 +391,7 @@ def known_variables() -> frozenset[str]:
 
 def _closest(name: str, known: frozenset[str] | set[str]) -> str:
     """`` (did you mean X?)`` for the known name most like ``name``, or ``""``."""
-    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
     return f" (did you mean {match[0]}?)" if match else ""
 
 

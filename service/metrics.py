@@ -84,6 +84,13 @@ class Metrics:
             ["region", "source"],
             registry=r,
         )
+        self.partition_failing = Gauge(
+            "image_sync_partition_failing",
+            "1 while the latest attempt of a configured partition failed or was incomplete "
+            "(from inventory.sync_health), else 0.",
+            ["region", "source"],
+            registry=r,
+        )
         self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)
         self.webhook_deliveries = Counter(
             "image_sync_webhook_deliveries",

@@ -77,6 +77,7 @@ CONTRACT_METRICS = {
     "image_sync_events_total": "counter",
     "image_sync_images": "gauge",
     "image_sync_partition_last_success_timestamp_seconds": "gauge",
+    "image_sync_partition_failing": "gauge",
     "image_sync_up": "gauge",
     "image_sync_webhook_deliveries_total": "counter",
     "image_sync_webhook_events_total": "counter",

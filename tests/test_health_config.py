@@ -20,6 +20,7 @@ from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
 from service.sync import sync_once
+from service.web.data import refresh_gauges
 from tests.fault_helpers import mutate
 from tests.test_api_faults import run_cli
 from tests.test_schema import scratch_engine  # noqa: F401 - the fixture
@@ -66,6 +67,14 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
         async with open_runtime(settings) as runtime:
             daemon = Daemon(runtime)
             assert await daemon.tick(aligned=False) is None  # logged, not raised
+            async with engine.connect() as conn:  # what /metrics does on each scrape
+                await refresh_gauges(conn, runtime.metrics, settings.regions, settings.sources)
+            failing = [
+                runtime.metrics.registry.get_sample_value(
+                    "image_sync_partition_failing", {"region": p.region, "source": p.source}
+                )
+                for p in daemon.partitions
+            ]
             failed = sum(
                 runtime.metrics.registry.get_sample_value(
                     "image_sync_partitions_total",
@@ -79,7 +88,8 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
     assert {r.last_status for r in rows} == {"failed"}
     assert {r.last_error_status for r in rows} == {"UNAUTHENTICATED"}
     assert all("refused the credentials" in r.last_error_message for r in rows)
-    assert failed == PARTITIONS  # what the ImageSyncPartitionFailing alert reads
+    assert failed == PARTITIONS  # what ImageSyncPartitionFailureRatio reads
+    assert failing == [1.0] * PARTITIONS  # what ImageSyncPartitionFailing reads
     async with engine.connect() as conn:
         partitions = await conn.scalar(sa.text("SELECT partitions FROM inventory.sync_runs"))
     assert partitions == PARTITIONS
@@ -299,3 +309,20 @@ def test_ages_are_never_negative() -> None:
 
     # A success recorded while the page read the clock: -0.4 s is "0s", not "-0s".
     assert [_age(-0.4), _age(-3.0), _age(0.6), _age(None)] == ["0s", "0s", "1s", "never"]
+
+
+async def test_inventory_reader_reads_the_registry(engine: AsyncEngine) -> None:
+    from service.store.registry import register_configuration
+
+    await register_configuration(engine, [("cn-north-1", "private")])
+    async with engine.connect() as conn:
+        await conn.execute(sa.text("SET ROLE inventory_reader"))
+        rows = (await conn.execute(sa.text("SELECT * FROM inventory.partitions"))).all()
+        health = (await conn.execute(sa.text("SELECT * FROM inventory.sync_health"))).all()
+        await conn.execute(sa.text("RESET ROLE"))
+    assert [(r.region_id, r.image_source, r.configured) for r in rows] == [
+        ("cn-north-1", "private", True)
+    ]
+    assert [(r.region_id, r.last_status, r.configured) for r in health] == [
+        ("cn-north-1", None, True)
+    ]

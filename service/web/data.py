@@ -35,6 +35,10 @@ LAST_SUCCESS_GAUGE_SQL = """
 SELECT region_id, image_source, extract(epoch FROM last_success_at)::double precision AS ts
   FROM inventory.sync_health WHERE last_success_at IS NOT NULL
 """
+FAILING_GAUGE_SQL = """
+SELECT region_id, image_source FROM inventory.sync_health
+ WHERE last_status IN ('failed', 'incomplete')
+"""
 TRANSITIONS_RANGE_SQL = """
 SELECT min(occurred_at) FROM inventory.offline_transitions WHERE occurred_at >= :since
 """
@@ -105,6 +109,15 @@ async def refresh_gauges(
     metrics.last_success.clear()
     for (region, source), ts in last.items():
         metrics.last_success.labels(region, source).set(ts)
+    # Red in the tick that failed (refused credentials, unreachable endpoint), not only
+    # once the last success has aged past the stale threshold.
+    failing = {
+        (r.region_id, r.image_source) for r in await conn.execute(sa.text(FAILING_GAUGE_SQL))
+    }
+    metrics.partition_failing.clear()
+    for region in regions:
+        for source in sources:
+            metrics.partition_failing.labels(region, source).set(int((region, source) in failing))
     for status in await subscriber_statuses(conn):
         name = status.state.subscriber
         metrics.webhook_failing.labels(name).set(1 if status.state.failing else 0)
