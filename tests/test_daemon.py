@@ -153,7 +153,7 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         # Every replica has had its start-up tick, and no start-up run is still going.
         await wait_for(
             lambda: asyncio.sleep(0, all("tick: " in d.output() for d in daemons)),
-            15,
+            60,  # three interpreters importing the service: slow on a loaded 2-core machine
             "three daemons to start",
         )
         await wait_for(

@@ -378,7 +378,7 @@ async def test_least_privilege_migrate_then_sync(tls_pg: TlsPostgres) -> None:
         env = {**env, "JDCLOUD_ENDPOINT": sim.url, "IMAGE_SYNC_REGIONS": "cn-north-1"}
         code, out, err = await run_cli(env, "sync", "--once")
     assert code == 0, err[-2000:]
-    assert re.search(r"succeeded in .*: (\d+)/\1 partitions ok", out), out
+    assert re.search(r"succeeded in .*: (\d+)/\1 partitions synced", out), out
     with psycopg.connect(tls_pg.admin_url.replace("/postgres?", "/image_sync?")) as conn:
         owner = conn.execute(
             "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'inventory'"
