@@ -18,6 +18,7 @@ from service.simulator import running_simulator
 from service.simulator.catalogue import Catalogue
 from service.store import migrate
 from service.sync import sync_once
+from tests.fault_helpers import row_versions
 
 BEIJING = timezone(timedelta(hours=8))
 # The columns of inventory.images and the fields of KNOWN_FIELDS as revision 0002 had them.
@@ -134,21 +135,6 @@ async def sync_catalogue(engine: AsyncEngine, catalogue: Catalogue, make_setting
         ) as rt,
     ):
         return await sync_once(engine, rt.client, rt.partitions())
-
-
-async def row_versions(engine: AsyncEngine) -> dict[str, Any]:
-    """Physical row versions (ctid, xmin) of the written tables: equal means untouched."""
-    async with engine.connect() as conn:
-        return {
-            table: sorted(
-                (await conn.execute(sa.text(f"SELECT ctid::text, xmin::text FROM {table}"))).all()
-            )
-            for table in (
-                "inventory.images",
-                "inventory.image_disks",
-                "inventory.image_events",
-            )
-        }
 
 
 async def test_back_filled_rows_are_not_rewritten_by_the_next_sync(

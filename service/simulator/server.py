@@ -166,6 +166,7 @@ async def _admitted(
     entry: dict[str, Any] = {
         "time": time.time(),
         "region": region,
+        "path": request.rel_url.raw_path,
         "query": request.rel_url.raw_query_string,
         "status": None,
         "fault": None,
@@ -668,7 +669,7 @@ class Simulator:
 
     @property
     def requests(self) -> deque[dict[str, Any]]:
-        """The request log (bounded; newest last): time, region, query, status, fault."""
+        """The request log (bounded; newest last): time, region, path, query, status, fault."""
         return self.state.requests
 
 
