@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import OFFLINE_SOURCES
-from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
+from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError, PermanentApiError
 from service.jdcloud.client import ImagesClient, RequestStats, is_plain_image_id
 from service.jdcloud.listing import Listing, ListingOutcome, list_pages
 from service.metrics import Metrics
@@ -367,7 +367,10 @@ async def _sync_partition(
                 )
                 if partition.source in EXTRA_SOURCES:
                     ids = sorted({i for ids in staged.extras_ids.values() for i in ids})
-                    await writer.stage_extras(await fetch_extras(client, partition, ids, stats))
+                    extras, vanished = await fetch_extras(client, partition, ids, stats)
+                    # Deleted between its listing and its members call: keep what is
+                    # stored (the next sync sees it gone), no spurious change of shares.
+                    await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
                 complete = all(settled) and staged.invalid_without_id == 0
                 counts = await writer.merge(
                     run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
@@ -571,36 +574,48 @@ def _wants_extras(source: str) -> Callable[[Any], bool]:
 
 async def fetch_extras(
     client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
-) -> list[ImageExtras]:
+) -> tuple[list[ImageExtras], list[str]]:
     """Members of the partition's shared private images (one describeImageMembers call
     each, every sync: a share changes nothing describeImages shows), or the
     instance-type constraints of its public/thirdparty images (describeImageConstraintsBatch,
-    as few calls as the URL length allows). Returns only images with something to say.
-    Any failure raises: the partition fails and its transaction rolls back. An id that
+    as few calls as the URL length allows). Returns the images with something to say,
+    and the ids whose members call answered 404 (the image was deleted after the
+    listing: drift, not a failure). Any other failure raises: the partition fails and its transaction rolls back. An id that
     cannot be put in a URL as it is (no real one) is not asked about: its extras stay null."""
     region = partition.region
     ids = [image_id for image_id in ids if is_plain_image_id(image_id)]
     if partition.source == "private":
         gate = asyncio.Semaphore(MEMBERS_CONCURRENCY)
 
-        async def members(image_id: str) -> ImageExtras:
+        async def members(image_id: str) -> ImageExtras | str:
             async with gate:
-                pins = await client.describe_image_members(region, image_id, stats=stats)
+                try:
+                    pins = await client.describe_image_members(region, image_id, stats=stats)
+                except PermanentApiError as exc:
+                    if exc.http_status != 404:
+                        raise
+                    log.info("partition %s: %s vanished after its listing", partition, image_id)
+                    return image_id
             return ImageExtras(image_id, shared_with=pins)
 
-        return await _gather_or_cancel(*(members(image_id) for image_id in ids))
+        answers = await _gather_or_cancel(*(members(image_id) for image_id in ids))
+        return (
+            [a for a in answers if isinstance(a, ImageExtras)],
+            [a for a in answers if isinstance(a, str)],
+        )
     if not ids:
-        return []
+        return [], []
     wanted = set(ids)
-    return [
-        ImageExtras(
+    found = {  # by id: an id answered twice is recorded once (its last answer)
+        c.image_id: ImageExtras(
             c.image_id,
             instance_types_constraint=c.constraints_type,
             instance_types=c.instance_types,
         )
         for c in await client.describe_image_constraints(region, ids, stats=stats)
         if c.image_id in wanted and (c.constraints_type is not None or c.instance_types is not None)
-    ]
+    }
+    return list(found.values()), []
 
 
 async def _list_until_settled(

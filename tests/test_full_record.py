@@ -8,14 +8,15 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.normalize import BEIJING
 from service.runtime import open_runtime
 from service.simulator import Simulator, running_simulator
-from service.simulator.catalogue import OFFLINE_SOURCES
+from service.simulator.catalogue import OFFLINE_SOURCES, Catalogue
 from service.sync import SyncReport, sync_once
-from tests.fault_helpers import assert_invariants, row_versions
+from tests.fault_helpers import MEMBERS_ROUTE, assert_invariants, row_versions
 
 REGIONS = "cn-north-1,cn-east-1"
 SOURCES = "public,thirdparty,private,shared"
@@ -324,3 +325,70 @@ async def assert_columns_match_region(engine: AsyncEngine, sim: Simulator, regio
                 want["instance_types_constraint"],
                 want["instance_types"],
             )
+
+
+async def test_constraint_batches_keep_their_urls_under_the_limit(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    async with running_simulator(seed=6, images=1600) as sim:
+        report = await sync(
+            engine,
+            sim,
+            make_settings,
+            IMAGE_SYNC_REGIONS="cn-north-1",
+            IMAGE_SYNC_MAX_URL_LENGTH="512",
+        )
+        assert report.ok
+        urls = [
+            f"{sim.url}{e['path']}?{e['query']}"
+            for e in sim.requests
+            if e["path"].endswith("/imageConstraints")
+        ]
+        asked = [q for u in urls for q in u.split("?", 1)[1].split("&")]
+        listed = sum(sim.catalogue.count("cn-north-1", s) for s in ("public", "thirdparty"))
+        assert len(asked) == listed  # every public/thirdparty image, once
+        assert len(urls) > 2 and all(len(u) <= 512 for u in urls)
+        await assert_columns_match_region(engine, sim, "cn-north-1")
+
+
+async def test_an_image_deleted_before_its_members_call_keeps_its_stored_shares(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """describeImageMembers answers 404 for an image listed a moment before: drift, not a
+    failure; its stored shares stand until a listing shows it gone."""
+    image = Catalogue(seed=2, images=40, regions=("cn-north-1",), sources=("private",)).images(
+        "cn-north-1", "private"
+    )[0]
+    image["launchPermission"] = "specifiedUsers"
+    state = {"gone": False}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"requestId": "r", "result": {"images": [image], "totalCount": 1}})
+
+    async def members(request: web.Request) -> web.Response:
+        if state["gone"]:
+            error = {"code": 404, "status": "NOT_FOUND", "message": "Image not found"}
+            return web.json_response({"requestId": "r", "error": error}, status=404)
+        return web.json_response({"requestId": "r", "result": {"pins": ["jd_b", "jd_a"]}})
+
+    app = web.Application()
+    app.router.add_get("/v1/regions/{region}/images", listing)
+    app.router.add_get(MEMBERS_ROUTE, members)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = "http://{}:{}".format(*runner.addresses[0][:2])
+    settings = make_settings(url, IMAGE_SYNC_REGIONS="cn-north-1", IMAGE_SYNC_SOURCES="private")
+    try:
+        async with open_runtime(settings) as rt:
+            assert (await sync_once(engine, rt.client, rt.partitions())).ok
+            versions = await row_versions(engine)
+            state["gone"] = True
+            report = await sync_once(engine, rt.client, rt.partitions())
+    finally:
+        await runner.cleanup()
+    assert report.ok and report.total("updated") == 0
+    assert await row_versions(engine) == versions
+    async with engine.connect() as conn:
+        shared = await conn.scalar(sa.text("SELECT shared_with FROM inventory.images"))
+    assert shared == ["jd_a", "jd_b"]

@@ -1,4 +1,7 @@
-"""The describeImages client: signing, limits, retries, typed errors. One per process.
+"""The image API client: signing, limits, retries, typed errors. One per process.
+
+It calls describeImages (pages and id lookups), describeImageMembers and
+describeImageConstraintsBatch; every call goes through the same limits and retries.
 
 It owns no session: the caller builds one :class:`aiohttp.ClientSession` at start-up
 (see :func:`open_session`) and hands it over. Two limits hold every request:

@@ -385,6 +385,28 @@ class PartitionWriter:
                 columns=("image_id", *EXTRA_COLUMNS),
             )
 
+    async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
+        """The stored shares and constraints of these images (those that have any)."""
+        if not image_ids:
+            return []
+        result = await self._conn.execute(
+            sa.text(
+                f"SELECT image_id, {', '.join(EXTRA_COLUMNS)} FROM inventory.images"
+                " WHERE region_id = :region AND image_id = ANY(CAST(:ids AS text[]))"
+                f" AND ({' OR '.join(f'{c} IS NOT NULL' for c in EXTRA_COLUMNS)})"
+            ),
+            {"region": self.region, "ids": list(image_ids)},
+        )
+        return [
+            ImageExtras(
+                image_id,
+                None if shared is None else tuple(shared),
+                kind,
+                None if types is None else tuple(types),
+            )
+            for image_id, shared, kind, types in result.all()
+        ]
+
     async def discard_listing(self, listing: int) -> None:
         """Forget what one listing staged (it is about to be listed again)."""
         await self._conn.execute(
