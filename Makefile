@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-db lint format bench bench-small lock clean
+.PHONY: venv jdc demo test test-db lint format bench bench-small lock clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -14,6 +14,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+## make jdc: the JD Cloud CLI in .venv-jdc/ (its pins conflict with .venv), for tests/test_jdc_cli.py.
+JDC_STAMP := .venv-jdc/.installed-stamp
+$(JDC_STAMP): tests/jdc-requirements.txt
+	$(PYTHON) -m venv .venv-jdc
+	.venv-jdc/bin/python -m pip install --quiet --disable-pip-version-check -r tests/jdc-requirements.txt
+	@touch $(JDC_STAMP)
+
+jdc: $(JDC_STAMP)
 
 ## make demo: simulator + embedded PostgreSQL, sync, change, sync, show the history.
 demo: $(STAMP)
@@ -47,4 +56,4 @@ lock: $(STAMP)
 	deploy/tools/lock.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-jdc .pytest_cache .mypy_cache .ruff_cache

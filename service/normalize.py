@@ -5,7 +5,15 @@ be trusted (no ``imageId``, a wrong type, a negative size, a NUL character, an a
 size) raises :class:`InvalidItem`; the caller counts and reports it and keeps the
 other items. Unknown fields are kept in ``raw``.
 
-``createTime`` is Beijing time (UTC+8) without a zone; it becomes an aware datetime.
+``createTime`` and ``expiredTime`` are Beijing time (UTC+8) without a zone; they become
+aware datetimes. ``chargeInfo`` (the SDK's ``ImageChargeInfo``) gives
+``charge_service_code`` and ``charge_formula``; the deprecated top-level ``serviceCode``
+stays in ``raw`` only.
+
+Shares (``shared_with``) and instance-type constraints come from other APIs
+(describeImageMembers, describeImageConstraintsBatch): :class:`ImageExtras`, parsed by
+the client and joined to the rows by the store. They are not part of the content hash,
+which covers the describeImages object alone.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ KNOWN_FIELDS = frozenset(
         "imageId", "name", "platform", "osVersion", "architecture", "systemDiskSizeGB",
         "imageSource", "osType", "status", "createTime", "sizeMB", "desc", "ownerPin",
         "launchPermission", "systemDisk", "dataDisks", "snapshotId", "rootDeviceType",
-        "progress", "offline", "bootMode",
+        "progress", "offline", "bootMode", "loginName", "imported", "expiredTime",
+        "instanceId", "chargeInfo",
     }
 )  # fmt: skip
 """Fields describeImages documents; the others are kept in ``raw`` only."""
@@ -88,6 +97,13 @@ class ImageRow:
     progress: int | None
     created_at: datetime | None
     offline: bool | None
+    login_name: str | None
+    imported: bool | None
+    expired_at: datetime | None
+    instance_id: str | None
+    charge_service_code: str | None
+    charge_formula: str | None
+    """``chargeInfo.formula`` serialised as JSON (the ``charge_formula`` jsonb column)."""
     raw_json: str
     content_hash: bytes
     disks: tuple[DiskRow, ...]
@@ -100,11 +116,40 @@ TRACKED_FIELDS: tuple[str, ...] = (
     "image_source", "name", "platform", "os_version", "architecture", "os_type", "status",
     "description", "owner_pin", "launch_permission", "root_device_type", "snapshot_id",
     "boot_mode", "system_disk_size_gb", "size_mb", "progress", "created_at", "offline",
-    "disks", "extra",
+    "disks", "extra", "login_name", "imported", "expired_at", "instance_id",
+    "charge_service_code", "charge_formula", "shared_with", "instance_types_constraint",
+    "instance_types",
 )  # fmt: skip
 """The fields of an image's history document (events, ``images_as_of``): every column
-that describes the image, its disks as a JSON array, and ``extra``, the unknown API
-fields. A change to any of them is an event."""
+that describes the image, its disks as a JSON array, ``extra``, the unknown API
+fields, and the extras from the other APIs. A change to any of them is an event."""
+
+EXTRA_COLUMNS = ("shared_with", "instance_types_constraint", "instance_types")
+"""Columns filled from describeImageMembers / describeImageConstraintsBatch."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageExtras:
+    """What the other image APIs say about one image (None: not fetched / not applicable).
+
+    ``shared_with`` is the sorted pins of describeImageMembers;
+    ``instance_types_constraint`` is ``includes`` or ``excludes`` and
+    ``instance_types`` its list, from describeImageConstraintsBatch.
+    """
+
+    image_id: str
+    shared_with: tuple[str, ...] | None = None
+    instance_types_constraint: str | None = None
+    instance_types: tuple[str, ...] | None = None
+
+    def record(self) -> tuple[Any, ...]:
+        """The row for COPY into staging (lists as lists, for text[])."""
+        return (
+            self.image_id,
+            None if self.shared_with is None else list(self.shared_with),
+            self.instance_types_constraint,
+            None if self.instance_types is None else list(self.instance_types),
+        )
 
 
 def _text(item: dict[str, Any], key: str, image_id: str | None) -> str | None:
@@ -153,19 +198,22 @@ def _object(item: dict[str, Any], key: str, image_id: str | None) -> dict[str, A
     raise InvalidItem(f"{key} should be an object, got {type(value).__name__}", image_id)
 
 
-def parse_create_time(value: str | None, image_id: str | None = None) -> datetime | None:
-    """``2020-08-21 11:36:36`` (Beijing time) -> aware datetime; also accepts ISO 8601."""
+def parse_create_time(
+    value: str | None, image_id: str | None = None, field: str = "createTime"
+) -> datetime | None:
+    """``2020-08-21 11:36:36`` (Beijing time) -> aware datetime; also accepts ISO 8601.
+    ``field`` names the API field in the error (``expiredTime`` is read the same way)."""
     if value is None or value == "":
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise InvalidItem(f"createTime is not a time: {value!r:.40}", image_id) from None
+        raise InvalidItem(f"{field} is not a time: {value!r:.40}", image_id) from None
     parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=BEIJING)
     # 0001-01-01 in Beijing is year 0 in UTC, and the driver writes the first and last
     # representable moments as -infinity/infinity: neither is a creation time.
     if not _FIRST_MOMENT < parsed < _LAST_MOMENT:
-        raise InvalidItem(f"createTime out of range: {value!r:.40}", image_id)
+        raise InvalidItem(f"{field} out of range: {value!r:.40}", image_id)
     return parsed
 
 
@@ -228,6 +276,7 @@ def normalize_image(item: Any, *, region_id: str, image_source: str) -> ImageRow
 _PLAIN_TEXT_KEYS = (
     "name", "platform", "osVersion", "architecture", "osType", "status", "desc", "ownerPin",
     "launchPermission", "rootDeviceType", "snapshotId", "bootMode", "createTime",
+    "loginName", "instanceId", "expiredTime",
 )  # fmt: skip
 _INT_MAX = 2_147_483_647
 
@@ -290,8 +339,15 @@ def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow |
         progress = int(progress)  # describeImages sends progress as a string: "100"
     if not (_plain_int(system_disk_size) and _plain_int(size_mb) and _plain_int(progress)):
         return None
-    offline = get("offline")
-    if offline is not None and offline is not True and offline is not False:
+    offline, imported = get("offline"), get("imported")
+    for flag in (offline, imported):
+        if flag is not None and flag is not True and flag is not False:
+            return None
+    charge = get("chargeInfo")
+    if charge is not None and (
+        charge.__class__ is not dict
+        or not (charge.get("serviceCode") is None or charge.get("serviceCode").__class__ is str)
+    ):
         return None
     if texts[11] is None and "uefiSupport" in item:
         return None  # bootMode from uefiSupport: the careful path
@@ -314,7 +370,8 @@ def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow |
                 return None
             disks.append(disk)
     (name, platform, os_version, architecture, os_type, status, description, owner_pin,
-     launch_permission, root_device_type, snapshot_id, boot_mode, create_time) = texts  # fmt: skip
+     launch_permission, root_device_type, snapshot_id, boot_mode, create_time, login_name,
+     instance_id, expired_time) = texts  # fmt: skip
     digest = hashlib.blake2b(raw, digest_size=16)
     digest.update(image_source.encode())
     return ImageRow(
@@ -322,8 +379,18 @@ def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow |
         status, description, owner_pin, launch_permission, root_device_type, snapshot_id,
         boot_mode, system_disk_size, size_mb, progress,
         parse_create_time(create_time, image_id) if create_time else None,
-        offline, raw.decode(), digest.digest(), tuple(disks),
+        offline, login_name, imported,
+        parse_create_time(expired_time, image_id, "expiredTime") if expired_time else None,
+        instance_id, *_charge(charge), raw.decode(), digest.digest(), tuple(disks),
     )  # fmt: skip
+
+
+def _charge(charge: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(serviceCode, formula as JSON) of an already validated ``chargeInfo``."""
+    if charge is None:
+        return None, None
+    formula = charge.get("formula")
+    return charge.get("serviceCode"), None if formula is None else orjson.dumps(formula).decode()
 
 
 def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> ImageRow:
@@ -354,6 +421,10 @@ def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> Image
     for position, attachment in enumerate(data or (), start=1):
         disks.append(_disk(attachment, position, image_id))
 
+    charge = _object(item, "chargeInfo", image_id)
+    if charge is not None:
+        charge = {**charge, "serviceCode": _text(charge, "serviceCode", image_id)}
+    charge_code, charge_formula = _charge(charge)
     digest = hashlib.blake2b(raw, digest_size=16)
     digest.update(image_source.encode())
     return ImageRow(
@@ -377,6 +448,12 @@ def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> Image
         progress=_int(item, "progress", image_id),
         created_at=parse_create_time(_text(item, "createTime", image_id), image_id),
         offline=_bool(item, "offline", image_id),
+        login_name=_text(item, "loginName", image_id),
+        imported=_bool(item, "imported", image_id),
+        expired_at=parse_create_time(_text(item, "expiredTime", image_id), image_id, "expiredTime"),
+        instance_id=_text(item, "instanceId", image_id),
+        charge_service_code=charge_code,
+        charge_formula=charge_formula,
         raw_json=raw.decode(),
         content_hash=digest.digest(),
         disks=tuple(disks),
@@ -390,5 +467,6 @@ def image_record(row: ImageRow) -> tuple[Any, ...]:
         row.os_version, row.architecture, row.os_type, row.status, row.description,
         row.owner_pin, row.launch_permission, row.root_device_type, row.snapshot_id,
         row.boot_mode, row.system_disk_size_gb, row.size_mb, row.progress, row.created_at,
-        row.offline, row.content_hash, row.raw_json,
+        row.offline, row.login_name, row.imported, row.expired_at, row.instance_id,
+        row.charge_service_code, row.charge_formula, row.content_hash, row.raw_json,
     )  # fmt: skip

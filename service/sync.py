@@ -20,11 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import OFFLINE_SOURCES
-from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
-from service.jdcloud.client import ImagesClient, RequestStats
+from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError, PermanentApiError
+from service.jdcloud.client import ImagesClient, RequestStats, is_plain_image_id
 from service.jdcloud.listing import Listing, ListingOutcome, list_pages
 from service.metrics import Metrics
-from service.normalize import ImageRow, InvalidItem, content_hash, normalize_image
+from service.normalize import ImageExtras, ImageRow, InvalidItem, content_hash, normalize_image
 from service.store.apply import MergeCounts, PartitionWriter
 from service.store.engine import describe_error
 from service.store.runs import (
@@ -132,6 +132,8 @@ class _Staged:
     # image_id -> stored content hash of the partition's listed images: an item whose
     # hash is unchanged is only recorded as seen, not normalised or staged in full.
     known: dict[str, bytes] = field(default_factory=dict)
+    # listing -> ids (of its last pass) that other image APIs are asked about.
+    extras_ids: dict[int, list[str]] = field(default_factory=dict)
 
 
 async def sync_once(
@@ -366,6 +368,12 @@ async def _sync_partition(
                         for listing in partition.listings()
                     )
                 )
+                if partition.source in EXTRA_SOURCES:
+                    ids = sorted({i for ids in staged.extras_ids.values() for i in ids})
+                    extras, vanished = await fetch_extras(client, partition, ids, stats)
+                    # Deleted between its listing and its members call: keep what is
+                    # stored (the next sync sees it gone), no spurious change of shares.
+                    await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
                 complete = all(settled) and staged.invalid_without_id == 0
                 counts = await writer.merge(
                     run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
@@ -526,6 +534,8 @@ class _ListingPass:
         self.lock = lock
         self.ids: set[str] = set()
         self.idless = 0
+        self.extras_ids: list[str] = []  # what fetch_extras asks about
+        self._wants_extras = _wants_extras(listing.source)
 
     @property
     def unique(self) -> int:
@@ -547,6 +557,8 @@ class _ListingPass:
                 if image_id not in self.ids:
                     self.ids.add(image_id)
                     unchanged.append(image_id)
+                    if self._wants_extras(item):
+                        self.extras_ids.append(image_id)
                 continue
             try:
                 row = normalize_image(item, region_id=listing.region, image_source=listing.source)
@@ -573,9 +585,81 @@ class _ListingPass:
                 continue  # seen on an earlier page of this pass (page-number drift)
             self.ids.add(row.image_id)
             rows.append(row)
+            if self._wants_extras(item):
+                self.extras_ids.append(row.image_id)
         async with self.lock:
             await self.writer.stage(rows, listing.index)
             await self.writer.stage_unchanged(unchanged, listing.index)
+
+
+EXTRA_SOURCES = frozenset({"private", "public", "thirdparty"})
+"""Sources whose images other APIs say more about: members (private images shared with
+specified users) and instance-type constraints (public and thirdparty images)."""
+MEMBERS_CONCURRENCY = 16
+"""describeImageMembers calls of one partition waiting at once (the client's gate and
+rate limit still decide when each is sent)."""
+
+
+def _wants_extras(source: str) -> Callable[[Any], bool]:
+    """Whether a (valid) listed item is one to ask the other image APIs about."""
+    if source == "private":
+        return lambda item: item.get("launchPermission") == "specifiedUsers"
+    if source in OFFLINE_SOURCES:
+        return lambda item: True
+    return lambda item: False
+
+
+async def fetch_extras(
+    client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
+) -> tuple[list[ImageExtras], list[str]]:
+    """Members of the partition's shared private images (one describeImageMembers call
+    each, every sync: a share changes nothing describeImages shows), or the
+    instance-type constraints of its public/thirdparty images (describeImageConstraintsBatch,
+    as few calls as the URL length allows). Returns the images with something to say,
+    and the ids whose members call answered 404 (the image was deleted after the
+    listing: drift, not a failure). Any other failure raises: the partition fails and its transaction rolls back. An id that
+    cannot be put in a URL as it is (no real one) is not asked about: its extras stay null."""
+    ids = [image_id for image_id in ids if is_plain_image_id(image_id)]
+    if partition.source == "private":
+        return await _fetch_members(client, partition, ids, stats)
+    if not ids:
+        return [], []
+    wanted = set(ids)
+    found = {  # by id: an id answered twice is recorded once (its last answer)
+        c.image_id: ImageExtras(
+            c.image_id,
+            instance_types_constraint=c.constraints_type,
+            instance_types=c.instance_types,
+        )
+        for c in await client.describe_image_constraints(partition.region, ids, stats=stats)
+        if c.image_id in wanted and (c.constraints_type is not None or c.instance_types is not None)
+    }
+    return list(found.values()), []
+
+
+async def _fetch_members(
+    client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
+) -> tuple[list[ImageExtras], list[str]]:
+    """describeImageMembers for each id, by a fixed pool of workers sharing one iterator
+    (not one task per id: 13,000 waiting tasks cost ~100 MB)."""
+    found: list[ImageExtras] = []
+    vanished: list[str] = []
+    pending = iter(ids)
+
+    async def worker() -> None:
+        for image_id in pending:  # each id is taken by exactly one worker
+            try:
+                pins = await client.describe_image_members(partition.region, image_id, stats=stats)
+            except PermanentApiError as exc:
+                if exc.http_status != 404:
+                    raise
+                log.info("partition %s: %s vanished after its listing", partition, image_id)
+                vanished.append(image_id)
+                continue
+            found.append(ImageExtras(image_id, shared_with=pins))
+
+    await _gather_or_cancel(*(worker() for _ in range(min(MEMBERS_CONCURRENCY, len(ids)))))
+    return found, vanished
 
 
 async def _list_until_settled(
@@ -604,6 +688,7 @@ async def _list_until_settled(
             on_progress=lambda done, total: progress.pages(partition, listing, done, total),
         )
         staged.outcomes[listing.index] = outcome
+        staged.extras_ids[listing.index] = this_pass.extras_ids
         if outcome.settled(this_pass.unique):
             return True
         log.info(

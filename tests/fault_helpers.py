@@ -4,6 +4,10 @@
 - :func:`history`: the database's images, disks and events without the values that
   legitimately differ between two equivalent runs (times, run and event ids), so a
   faulty run followed by a recovery can be compared with a fault-free run;
+- :func:`row_versions`: the physical row versions of images, disks and events (equal
+  before and after a sync means it wrote nothing);
+- :func:`shared_with_no_one` (at :data:`MEMBERS_ROUTE`): describeImageMembers for fake
+  APIs whose listings include shared private images;
 - :func:`mutate`: a deterministic change to a simulated catalogue (every event type);
 - :func:`killable_postgres`: an embedded PostgreSQL of a test's own, to stop and start.
 """
@@ -17,6 +21,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from aiohttp import web
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -81,6 +86,29 @@ async def history(engine: AsyncEngine) -> dict[str, Any]:
         ).all():
             events.setdefault((r[0], r[1]), []).append(tuple(r[2:]))
     return {"images": images, "disks": disks, "events": events}
+
+
+async def row_versions(engine: AsyncEngine) -> dict[str, Any]:
+    """Physical row versions (ctid, xmin) of the written tables: equal means untouched."""
+    async with engine.connect() as conn:
+        return {
+            table: sorted(
+                (await conn.execute(sa.text(f"SELECT ctid::text, xmin::text FROM {table}"))).all()
+            )
+            for table in (
+                "inventory.images",
+                "inventory.image_disks",
+                "inventory.image_events",
+            )
+        }
+
+
+async def shared_with_no_one(request: web.Request) -> web.Response:
+    """describeImageMembers for a fake API serving shared private images: no pins."""
+    return web.json_response({"requestId": "r", "result": {"pins": []}})
+
+
+MEMBERS_ROUTE = "/v1/regions/{region}/images/{image}/members"
 
 
 def assert_same_history(actual: dict[str, Any], expected: dict[str, Any]) -> None:

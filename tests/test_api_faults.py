@@ -27,6 +27,7 @@ from service.jdcloud.signer import DEMO_ACCESS_KEY
 from service.runtime import open_runtime
 from service.simulator import Catalogue, Simulator, running_simulator
 from service.sync import Partition, SyncReport, sync_once
+from tests.fault_helpers import MEMBERS_ROUTE, shared_with_no_one
 from tests.test_sync import assert_matches_catalogue
 
 TRANSIENT_KINDS = (
@@ -357,7 +358,8 @@ async def test_drift_that_never_settles_ends_incomplete_and_removes_nothing(
 
 @asynccontextmanager
 async def serving(items: list[Any]) -> AsyncIterator[str]:
-    """describeImages that answers every listing with ``items`` (one page)."""
+    """describeImages that answers every listing with ``items`` (one page), and
+    describeImageMembers (shared with no one) for the shared private ones among them."""
 
     async def handler(request: web.Request) -> web.Response:
         body = {"requestId": "r", "result": {"images": items, "totalCount": len(items)}}
@@ -365,6 +367,7 @@ async def serving(items: list[Any]) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/v1/regions/{region}/images", handler)
+    app.router.add_get(MEMBERS_ROUTE, shared_with_no_one)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -37,7 +37,7 @@ from service.jdcloud.client import ImagesClient, open_session
 from service.normalize import normalize_image
 from service.simulator import Catalogue
 from service.sync import Partition, sync_once
-from tests.fault_helpers import assert_invariants, truncate
+from tests.fault_helpers import MEMBERS_ROUTE, assert_invariants, shared_with_no_one, truncate
 
 pytestmark = pytest.mark.db
 
@@ -111,6 +111,7 @@ async def fake_api() -> AsyncIterator[tuple[FakeApi, str]]:
     api = FakeApi()
     app = web.Application()
     app.router.add_get("/v1/regions/{region}/images", api.handle)
+    app.router.add_get(MEMBERS_ROUTE, shared_with_no_one)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -77,6 +77,27 @@ SYNC_HEALTH_COLUMNS = {
 }
 
 AS_OF_QUERY = _v0002.AS_OF_QUERY
+
+
+def create_as_of(returns: str, query: str, *, verb: str = "CREATE OR REPLACE") -> None:
+    """``images_as_of(ts)`` returning ``returns`` rows of ``query``, refusing a NULL ts
+    (later migrations that change its columns create it the same way)."""
+    op.execute(f"""
+        {verb} FUNCTION inventory.images_as_of(ts timestamptz)
+        RETURNS TABLE ({returns})
+        LANGUAGE plpgsql STABLE AS $fn$
+        #variable_conflict use_column
+        BEGIN
+          IF ts IS NULL THEN
+            RAISE EXCEPTION 'inventory.images_as_of(ts): ts is NULL; give a moment, '
+                            'e.g. images_as_of(now() - interval ''1 day'')'
+                  USING ERRCODE = 'null_value_not_allowed';
+          END IF;
+          RETURN QUERY {query};
+        END
+        $fn$""")
+
+
 AS_OF_RETURNS = ", ".join(f"{n} {t}" for n, t in _v0002.AS_OF_COLUMNS)
 
 BASELINE_BACKFILL = """
@@ -141,20 +162,7 @@ def upgrade() -> None:
     )
     op.execute(BASELINE_BACKFILL)
     _create_sync_health("CREATE OR REPLACE VIEW", SYNC_HEALTH, SYNC_HEALTH_COMMENT)
-    op.execute(f"""
-        CREATE OR REPLACE FUNCTION inventory.images_as_of(ts timestamptz)
-        RETURNS TABLE ({AS_OF_RETURNS})
-        LANGUAGE plpgsql STABLE AS $fn$
-        #variable_conflict use_column
-        BEGIN
-          IF ts IS NULL THEN
-            RAISE EXCEPTION 'inventory.images_as_of(ts): ts is NULL; give a moment, '
-                            'e.g. images_as_of(now() - interval ''1 day'')'
-                  USING ERRCODE = 'null_value_not_allowed';
-          END IF;
-          RETURN QUERY {AS_OF_QUERY};
-        END
-        $fn$""")
+    create_as_of(AS_OF_RETURNS, AS_OF_QUERY)
     op.execute(
         "COMMENT ON FUNCTION inventory.images_as_of(timestamptz) IS "
         "'The catalogue as it stood at ts, rebuilt from image_events: one row per image "

@@ -1,7 +1,7 @@
 """change feed: a commit-ordered cursor over image_events, webhook subscriber cursors
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 
 Partition transactions commit concurrently and out of ``event_id`` order, so a reader
@@ -21,7 +21,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import ARRAY
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,4 +1,7 @@
-"""The describeImages client: signing, limits, retries, typed errors. One per process.
+"""The image API client: signing, limits, retries, typed errors. One per process.
+
+It calls describeImages (pages and id lookups), describeImageMembers and
+describeImageConstraintsBatch; every call goes through the same limits and retries.
 
 It owns no session: the caller builds one :class:`aiohttp.ClientSession` at start-up
 (see :func:`open_session`) and hands it over. Two limits hold every request:
@@ -37,10 +40,10 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -74,6 +77,8 @@ TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "SOURCE_UN
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
 """describeImages' documented ``pageSize`` range."""
 _REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+_IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_R = TypeVar("_R")
 
 
 @dataclass(slots=True)
@@ -84,6 +89,28 @@ class RequestStats:
     retries: int = 0
     throttled: int = 0
     pages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_R]):
+    """One API call: ``GET /v1/regions/{region}{tail}?{query}``, its 200 body decoded by
+    ``parse``; waiting for a global slot, lower ``priority`` goes first."""
+
+    region: str
+    tail: str
+    query: str
+    parse: Callable[[bytes, str], _R]
+    priority: float
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceTypeConstraint:
+    """One ``imageConstraints`` entry: ``constraints_type`` ``includes``/``excludes`` and
+    the ``instance_types`` it lists (None where the API gives none)."""
+
+    image_id: str
+    constraints_type: str | None
+    instance_types: tuple[str, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +327,47 @@ class ImagesClient:
             params.append(("ids", list(ids)))
         params.append(("pageNumber", page_number))
         params.append(("pageSize", page_size))
-        return await self._get(region, encode_query(params), stats or RequestStats(), priority)
+        return await self._get(
+            region, "/images", encode_query(params), stats or RequestStats(), _parse_page, priority
+        )
+
+    async def describe_image_members(
+        self, region: str, image_id: str, *, stats: RequestStats | None = None
+    ) -> tuple[str, ...]:
+        """``GET /v1/regions/{region}/images/{imageId}/members`` (describeImageMembers): the
+        pins a private image of the caller's is shared with, sorted."""
+        _check_region(region)
+        _check_image_id(image_id)
+        return await self._get(
+            region, f"/images/{image_id}/members", "", stats or RequestStats(), _parse_members
+        )
+
+    async def describe_image_constraints(
+        self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
+    ) -> list[InstanceTypeConstraint]:
+        """describeImageConstraintsBatch (``GET /v1/regions/{region}/imageConstraints``,
+        ``ids.1=..``) for every id, split into requests whose URL stays under
+        ``max_url_length``: the constraints the API gives (images without one are absent
+        or have ``constraints_type`` None)."""
+        _check_region(region)
+        if isinstance(ids, str):
+            raise ValueError("ids must be a sequence of image ids, not one string")
+        for image_id in ids:
+            _check_image_id(image_id)
+        found: list[InstanceTypeConstraint] = []
+        base = len(self._url(region, "/imageConstraints", ""))
+        for chunk in self._id_chunks(base, list(dict.fromkeys(ids))):
+            query = encode_query([("ids", chunk)])
+            found.extend(
+                await self._get(
+                    region,
+                    "/imageConstraints",
+                    query,
+                    stats or RequestStats(),
+                    _parse_constraints,
+                )
+            )
+        return found
 
     async def lookup_ids(
         self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
@@ -310,7 +377,8 @@ class ImagesClient:
         if isinstance(ids, str):
             raise ValueError("ids must be a sequence of image ids, not one string")
         found: list[Any] = []
-        for chunk in self._id_chunks(region, list(dict.fromkeys(ids))):
+        base = len(self._url(region, "/images", "pageNumber=1&pageSize=100&"))
+        for chunk in self._id_chunks(base, list(dict.fromkeys(ids))):
             page_number = 1
             while True:
                 page = await self.describe_images(
@@ -324,8 +392,9 @@ class ImagesClient:
 
     # -- internals -------------------------------------------------------------------
 
-    def _id_chunks(self, region: str, ids: list[str]) -> list[list[str]]:
-        base = len(self._url(region, "pageNumber=1&pageSize=100&"))
+    def _id_chunks(self, base: int, ids: list[str]) -> list[list[str]]:
+        """``ids`` in chunks of at most 100 whose ``ids.N=`` query, after a URL of
+        ``base`` characters, stays under ``max_url_length``."""
         chunks: list[list[str]] = []
         current: list[str] = []
         length = base
@@ -342,11 +411,11 @@ class ImagesClient:
             chunks.append(current)
         return chunks
 
-    def _path(self, region: str) -> str:
-        return f"{self._path_prefix}/v1/regions/{region}/images"
+    def _path(self, region: str, tail: str) -> str:
+        return f"{self._path_prefix}/v1/regions/{region}{tail}"
 
-    def _url(self, region: str, query: str) -> str:
-        return f"{self._base}/v1/regions/{region}/images?{query}"
+    def _url(self, region: str, tail: str, query: str) -> str:
+        return f"{self._base}/v1/regions/{region}{tail}" + (f"?{query}" if query else "")
 
     def _window(self, region: str) -> _SlidingWindow | None:
         if self._rate <= 0:
@@ -378,13 +447,22 @@ class ImagesClient:
             self._in_flight.release()
 
     async def _get(
-        self, region: str, query: str, stats: RequestStats, priority: float = 0.0
-    ) -> Page:
+        self,
+        region: str,
+        tail: str,
+        query: str,
+        stats: RequestStats,
+        parse: Callable[[bytes, str], _R],
+        priority: float = 0.0,
+    ) -> _R:
+        """One API call (``GET /v1/regions/{region}{tail}?{query}``) with retries; a 200
+        body is decoded by ``parse`` inside the retry loop."""
+        call = _Call(region, tail, query, parse, priority)
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(region, query, stats, priority)
+                return await self._attempt(call, stats)
             except TransientApiError as exc:
                 if attempt >= self._max_attempts:
                     raise
@@ -399,12 +477,13 @@ class ImagesClient:
                     delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, region: str, query: str, stats: RequestStats, priority: float) -> Page:
-        url = URL(self._url(region, query), encoded=True)
-        async with self._slot(region, priority) as admission:
+    async def _attempt(self, call: _Call[_R], stats: RequestStats) -> _R:
+        region, tail, query = call.region, call.tail, call.query
+        url = URL(self._url(region, tail, query), encoded=True)
+        async with self._slot(region, call.priority) as admission:
             # Signed only now, when the request leaves: however long it queued for the
             # rate window or a global slot, x-jdcloud-date is within the gateway's skew.
-            headers = self._signed_headers(region, query)
+            headers = self._signed_headers(self._path(region, tail), region, query)
             stats.requests += 1
             try:
                 async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
@@ -431,28 +510,28 @@ class ImagesClient:
         if status == 200:
             # Parsed inside the retry loop: a 200 that is HTML or truncated
             # (MalformedResponse, transient) is retried like any other.
-            page = _parse_page(body, region)
-            if isinstance(page, _ErrorInBody):
+            try:
+                return call.parse(body, region)
+            except _ErrorInBody as error:
                 raise self._classify(
-                    page.code,
-                    page.status,
-                    page.message,
+                    error.code,
+                    error.status,
+                    error.message,
                     region=region,
-                    request_id=page.request_id or request_id,
+                    request_id=error.request_id or request_id,
                     retry_after=retry_after,
                     stats=stats,
-                )
-            return page
+                ) from None
         raise self._error(status, body, region, retry_after, request_id, stats)
 
-    def _signed_headers(self, region: str, query: str) -> dict[str, str]:
+    def _signed_headers(self, path: str, region: str, query: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         creds = self._credentials
         headers.update(
             sign_headers(
                 method="GET",
                 host=self._host,
-                path=self._path(region),
+                path=path,
                 query=query,
                 headers=headers,
                 body="",
@@ -526,6 +605,16 @@ class ImagesClient:
         return PermanentApiError(message, **kwargs)
 
 
+def is_plain_image_id(image_id: str) -> bool:
+    """An id that can go into a URL path as it is (every real one: ``img-m5s0abcd29``)."""
+    return isinstance(image_id, str) and _IMAGE_ID_RE.match(image_id) is not None
+
+
+def _check_image_id(image_id: str) -> None:
+    if not is_plain_image_id(image_id):
+        raise ValueError(f"image id must look like img-m5s0abcd29, got {image_id!r:.60}")
+
+
 def _check_region(region: str) -> None:
     if not isinstance(region, str) or not _REGION_RE.match(region):
         raise ValueError(f"region must be a region id like cn-north-1, got {region!r}")
@@ -559,38 +648,39 @@ def _error_fields(body: bytes) -> tuple[str, str, str | None]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _ErrorInBody:
-    """An error object found inside a 200 response (classified by the client)."""
+class _ErrorInBody(Exception):  # noqa: N818 - private: never leaves the client
+    """An error object found inside a 200 response: the client classifies it as the
+    same HTTP status would be (:meth:`ImagesClient._classify`)."""
 
-    code: int
-    status: str
-    message: str
-    request_id: str | None
+    def __init__(self, code: int, status: str, message: str, request_id: str | None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.message, self.request_id = code, status, message, request_id
 
 
-def _parse_page(body: bytes, region: str) -> Page | _ErrorInBody:
-    """Decode a 200 body: a page, an error object, or :class:`MalformedResponse` for
-    anything but the documented shapes."""
+def _malformed(reason: str, region: str, request_id: str | None = None) -> MalformedResponse:
+    return MalformedResponse(
+        reason, http_status=200, status="MALFORMED", request_id=request_id, region=region
+    )
 
-    def malformed(reason: str, request_id: str | None = None) -> MalformedResponse:
-        return MalformedResponse(
-            reason, http_status=200, status="MALFORMED", request_id=request_id, region=region
-        )
 
+def _parse_result(body: bytes, region: str) -> tuple[dict[str, Any], str | None]:
+    """A 200 body's ``result`` object and ``requestId``; anything but the documented
+    envelope is :class:`MalformedResponse`, an ``error`` object raises as its code says."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         snippet = body[:60].decode("utf-8", "replace")
-        raise malformed(f"body is not JSON ({len(body)} bytes, starts {snippet!r})") from None
+        raise _malformed(
+            f"body is not JSON ({len(body)} bytes, starts {snippet!r})", region
+        ) from None
     if not isinstance(data, dict):
-        raise malformed("body is not a JSON object")
+        raise _malformed("body is not a JSON object", region)
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
     error = data.get("error")
     if isinstance(error, dict):
         # A 200 carrying an error object: the caller judges it by the error's own code.
         code = error.get("code")
-        return _ErrorInBody(
+        raise _ErrorInBody(
             code if isinstance(code, int) and not isinstance(code, bool) else 500,
             str(error.get("status") or ""),
             str(error.get("message") or "error in a 200 response")[:500],
@@ -598,15 +688,62 @@ def _parse_page(body: bytes, region: str) -> Page | _ErrorInBody:
         )
     result = data.get("result")
     if not isinstance(result, dict):
-        raise malformed("no result object", request_id)
+        raise _malformed("no result object", region, request_id)
+    return result, request_id
+
+
+def _parse_page(body: bytes, region: str) -> Page:
+    """A describeImages page: ``result.images`` and ``result.totalCount``."""
+    result, request_id = _parse_result(body, region)
     images = result.get("images")
     total = result.get("totalCount")
     if images is None:
         images = []
     if not isinstance(images, list):
-        raise malformed("result.images is not a list", request_id)
+        raise _malformed("result.images is not a list", region, request_id)
     if isinstance(total, str) and total.isdigit():
         total = int(total)
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-        raise malformed(f"result.totalCount is not a count: {total!r:.40}", request_id)
+        raise _malformed(f"result.totalCount is not a count: {total!r:.40}", region, request_id)
     return Page(images, total, request_id)
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    """A JSON list of strings as a tuple; None when it is anything else."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
+
+
+def _parse_members(body: bytes, region: str) -> tuple[str, ...]:
+    """describeImageMembers: ``result.pins`` (absent or null: shared with no one), sorted."""
+    result, request_id = _parse_result(body, region)
+    raw = result.get("pins")
+    pins = () if raw is None else _strings(raw)
+    if pins is None:
+        raise _malformed("result.pins is not a list of pins", region, request_id)
+    return tuple(sorted(set(pins)))
+
+
+def _parse_constraints(body: bytes, region: str) -> list[InstanceTypeConstraint]:
+    """describeImageConstraintsBatch: ``result.imageConstraints[]``."""
+    result, request_id = _parse_result(body, region)
+    entries = result.get("imageConstraints") or []
+    if not isinstance(entries, list):
+        raise _malformed("result.imageConstraints is not a list", region, request_id)
+    found = []
+    for entry in entries:
+        image_id = entry.get("imageId") if isinstance(entry, dict) else None
+        if not isinstance(image_id, str) or not image_id:
+            raise _malformed("an imageConstraints entry has no imageId", region, request_id)
+        constraint = entry.get("imageInstanceTypeConstraint")
+        if constraint is None:
+            found.append(InstanceTypeConstraint(image_id, None, None))
+            continue
+        kind = constraint.get("constraintsType") if isinstance(constraint, dict) else None
+        raw_types = constraint.get("instanceTypes") if isinstance(constraint, dict) else None
+        types = None if raw_types is None else _strings(raw_types)
+        if not isinstance(kind, str | None) or (raw_types is not None and types is None):
+            raise _malformed(f"the constraint of {image_id:.60} is not one", region, request_id)
+        found.append(InstanceTypeConstraint(image_id, kind, types))
+    return found

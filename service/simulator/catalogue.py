@@ -13,6 +13,14 @@ serving a request never re-filters or re-encodes a 40,000-image partition.
 Served order is ``createTime`` descending, then ``imageId`` descending: stable, so
 page-number paging is deterministic while nothing changes.
 
+Beyond describeImages, each image may have members (the pins a private image is shared
+with: describeImageMembers) and an instance-type constraint (public and thirdparty
+images: describeImageConstraints[Batch]). They are seeded from a second RNG, as are
+the SDK ``Image`` fields describeImages.md leaves out (``loginName``, ``imported``,
+``expiredTime``, ``instanceId``, ``chargeInfo``), so a seed's first catalogue keeps the
+values it had before they existed. Sharing a private image makes its
+``launchPermission`` ``specifiedUsers``; unsharing the last pin makes it ``ownerOnly``.
+
 The catalogue is not thread-safe: use it from the event loop that serves it.
 """
 
@@ -128,6 +136,13 @@ _STATUSES = (
     ("ready",) * 93 + ("creating",) * 2 + ("copying", "error", "deleting") * 2 + ("converting",)
 )
 _CLOUD_DISK_TYPES = ("ssd.gp1", "ssd.gp1", "ssd.io1", "hdd.std1")
+_INSTANCE_TYPES = (
+    "g.n2.medium", "g.n2.large", "g.n2.xlarge", "c.n2.large", "c.n2.xlarge", "m.n2.large",
+    "g.n3.large", "c.n3.xlarge", "p.n1p40.2xlarge", "h.g2.large", "i.n2.2xlarge",
+)  # fmt: skip
+CONSTRAINT_TYPES = ("includes", "excludes")
+OWNER_PIN = "demo-user"
+"""The pin of the simulator's one account: it owns every private image."""
 
 
 class CatalogueError(KeyError):
@@ -292,6 +307,10 @@ class Catalogue:
             (region, source): _Partition() for region in self.regions for source in self.sources
         }
         self._source_of: dict[tuple[str, str], str] = {}  # (region, image id) -> source
+        # Members and constraints, keyed by (region, image id); drawn from their own RNG.
+        self._extras_rng = random.Random(f"extras-{seed}")
+        self._members: dict[tuple[str, str], list[str]] = {}
+        self._constraints: dict[tuple[str, str], dict[str, Any]] = {}
         counts = _apportion(images, {key: skew.get(key, 1.0) for key in self._partitions})
         for (region, source), count in counts.items():
             generated = [self._generate(region, source) for _ in range(count)]
@@ -332,6 +351,62 @@ class Catalogue:
     def version(self, region: str, source: str) -> int:
         """Increases on every change of the partition (for caches and tests)."""
         return self._partition(region, source).version
+
+    def source_of(self, region: str, image_id: str) -> str | None:
+        """The source (partition) of an image, or None when the region has no such image."""
+        return self._source_of.get((region, image_id))
+
+    def members(self, region: str, image_id: str) -> list[str]:
+        """The pins a private image is shared with (describeImageMembers), sorted."""
+        if self._source(region, image_id) != "private":
+            raise CatalogueError(f"image {image_id} is not a private image of {OWNER_PIN}")
+        return list(self._members.get((region, image_id), ()))
+
+    def constraint(self, region: str, image_id: str) -> dict[str, Any] | None:
+        """The image's instance-type constraint, or None (describeImageConstraints)."""
+        self._source(region, image_id)
+        found = self._constraints.get((region, image_id))
+        return copy.deepcopy(found) if found is not None else None
+
+    def share(self, region: str, image_id: str, pins: Iterable[str]) -> list[str]:
+        """Share a private image with ``pins`` (shareImage); returns its members."""
+        members = set(self.members(region, image_id)) | _pins(pins)
+        return self._set_members(region, image_id, members)
+
+    def unshare(self, region: str, image_id: str, pins: Iterable[str]) -> list[str]:
+        """Stop sharing a private image with ``pins`` (unShareImage); returns its members."""
+        members = set(self.members(region, image_id)) - _pins(pins)
+        return self._set_members(region, image_id, members)
+
+    def set_constraint(
+        self, region: str, image_id: str, constraint: Mapping[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Set (or with None clear) the instance-type constraint of a public or
+        thirdparty image: ``{"constraintsType": "includes"|"excludes", "instanceTypes": [...]}``."""
+        if self._source(region, image_id) not in OFFLINE_SOURCES:
+            raise CatalogueError(f"only public and thirdparty images have constraints: {image_id}")
+        if constraint is None:
+            self._constraints.pop((region, image_id), None)
+            return None
+        kind, types = constraint.get("constraintsType"), constraint.get("instanceTypes")
+        if kind not in CONSTRAINT_TYPES:
+            raise ValueError(f"constraintsType must be one of {CONSTRAINT_TYPES}, got {kind!r}")
+        if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+            raise ValueError("instanceTypes must be a list of instance type names")
+        self._constraints[region, image_id] = {"constraintsType": kind, "instanceTypes": types}
+        return self.constraint(region, image_id)
+
+    def _set_members(self, region: str, image_id: str, members: set[str]) -> list[str]:
+        key = (region, image_id)
+        permission = "specifiedUsers" if members else "ownerOnly"
+        if members:
+            self._members[key] = sorted(members)
+        else:
+            self._members.pop(key, None)
+        image = self.get(region, image_id)
+        if image is not None and image.get("launchPermission") != permission:
+            self.modify(region, image_id, launchPermission=permission)
+        return sorted(members)
 
     def list_page(
         self, region: str, query: ListingQuery, *, page_number: int, page_size: int
@@ -404,6 +479,8 @@ class Catalogue:
         partition = self._partitions[region, source]
         entry = partition.entries.pop(image_id)
         del self._source_of[region, image_id]
+        self._members.pop((region, image_id), None)
+        self._constraints.pop((region, image_id), None)
         partition.changed()
         return orjson.loads(entry.encoded)  # type: ignore[no-any-return]
 
@@ -445,6 +522,14 @@ class Catalogue:
         return self.modify(region, image_id, offline=offline)
 
     def _insert(self, region: str, source: str, image: dict[str, Any]) -> None:
+        rng, key = self._extras_rng, (region, image["imageId"])
+        if image.get("launchPermission") == "specifiedUsers" and source == "private":
+            self._members.setdefault(key, sorted(_pin(rng) for _ in range(rng.randint(1, 3))))
+        if source in OFFLINE_SOURCES and key not in self._constraints and rng.random() < 0.25:
+            self._constraints[key] = {
+                "constraintsType": rng.choice(CONSTRAINT_TYPES),
+                "instanceTypes": sorted(rng.sample(_INSTANCE_TYPES, rng.randint(1, 4))),
+            }
         partition = self._partitions[region, source]
         partition.entries[image["imageId"]] = _Entry.of(image)
         self._source_of[region, image["imageId"]] = source
@@ -533,6 +618,7 @@ class Catalogue:
         }
         if source in OFFLINE_SOURCES:
             image["offline"] = rng.random() < self._offline_ratio
+        image.update(_sdk_fields(self._extras_rng, source, owner))
         return image
 
 
@@ -553,6 +639,38 @@ def _identity(
     if source == "shared":
         return name, other_pin, "specifiedUsers"
     return f"community-{name} ({os_name})", other_pin, "all"
+
+
+def _pin(rng: random.Random) -> str:
+    return "jd_" + "".join(rng.choices(_ID_ALPHABET, k=8))
+
+
+def _pins(pins: Iterable[str]) -> set[str]:
+    if isinstance(pins, str):
+        raise ValueError("pins must be a list of user pins, not one string")
+    found = set(pins)
+    if not all(isinstance(pin, str) and pin for pin in found):
+        raise ValueError("pins must be non-empty strings")
+    return found
+
+
+def _sdk_fields(rng: random.Random, source: str, owner: str) -> dict[str, Any]:
+    """The SDK ``Image`` fields describeImages.md does not list, as the source has them."""
+    fields: dict[str, Any] = {"loginName": owner, "imported": False, "expiredTime": ""}
+    if source == "private":
+        fields["imported"] = rng.random() < 0.2
+        if not fields["imported"]:
+            fields["instanceId"] = "i-" + "".join(rng.choices(_ID_ALPHABET, k=10))
+    if source == "thirdparty":
+        fields["chargeInfo"] = {
+            "serviceCode": "vm",
+            "formula": [
+                {"item": "image", "unit": "hour", "price": str(rng.randrange(1, 90) / 100)}
+            ],
+        }
+        if rng.random() < 0.1:
+            fields["expiredTime"] = f"{rng.randrange(2027, 2030)}-12-31 23:59:59"
+    return fields
 
 
 def _cloud_disk(rng: random.Random, size_gb: int, snapshot_id: str) -> dict[str, Any]:

@@ -17,10 +17,28 @@ API: ``GET /v1/regions/{regionId}/images`` with the documented parameters
 - The signature (JDCLOUD3-HMAC-SHA256) is checked before anything else but the
   latency; any failure is 401 ``UNAUTHENTICATED`` (the reason is in the message).
 
+The other image APIs the SDK (and ``jdc vm ...``) call, answered like JD Cloud:
+
+- ``GET /v1/regions/{regionId}/images/{imageId}`` (describeImage): ``result.image``;
+- ``GET .../images/{imageId}/members`` (describeImageMembers): ``result.pins``, sorted;
+  only for the private images of the simulator's one account (``demo-user``), any
+  other image is 404 ``NOT_FOUND``;
+- ``GET .../images/{imageId}/constraints`` (describeImageConstraints):
+  ``result.imageConstraints`` ``{imageId, imageInstanceTypeConstraint}`` (null when
+  the image has none);
+- ``GET /v1/regions/{regionId}/imageConstraints?ids.1=..`` (describeImageConstraintsBatch):
+  ``result.imageConstraints[]`` for the ids that have a constraint.
+
+An unknown image is 404 ``NOT_FOUND``. Faults apply to them as to describeImages; the
+"source" a fault rule (``fail_partitions``, ``fail_first_n``) names for them is the
+API's name, e.g. ``{"kind": "internal", "n": 1, "source": "describeImageMembers"}``.
+
 Admin endpoints (JSON, unsigned, only here) live under ``/__simulator__/``:
 ``GET|PUT faults``, ``POST catalogue/{op}`` (op: take_offline, bring_online,
-add, delete, modify), ``GET|DELETE requests`` (the bounded request log),
-``GET stats``; ``GET /__simulator__/`` lists them (generated from the router).
+add, delete, modify), ``POST shares/{op}`` (op: share, unshare; body
+``{"region", "image_id", "pins"}``), ``PUT constraints`` (body ``{"region",
+"image_id", "constraint": {"constraintsType", "instanceTypes"} | null}``),
+``GET|DELETE requests`` (the bounded request log), ``GET stats``; ``GET /__simulator__/`` lists them (generated from the router).
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,9 +134,17 @@ def build_app(
         requests=deque(maxlen=request_log_size),
     )
     app.router.add_get("/v1/regions/{regionId}/images", describe_images)
+    app.router.add_get("/v1/regions/{regionId}/images/{imageId}", describe_image)
+    app.router.add_get("/v1/regions/{regionId}/images/{imageId}/members", describe_image_members)
+    app.router.add_get(
+        "/v1/regions/{regionId}/images/{imageId}/constraints", describe_image_constraints
+    )
+    app.router.add_get("/v1/regions/{regionId}/imageConstraints", describe_constraints_batch)
     app.router.add_get(f"{ADMIN_PREFIX}/faults", get_faults)
     app.router.add_put(f"{ADMIN_PREFIX}/faults", put_faults)
     app.router.add_post(f"{ADMIN_PREFIX}/catalogue/{{op}}", change_catalogue)
+    app.router.add_post(f"{ADMIN_PREFIX}/shares/{{op}}", change_shares)
+    app.router.add_put(f"{ADMIN_PREFIX}/constraints", put_constraint)
     app.router.add_get(f"{ADMIN_PREFIX}/requests", get_requests)
     app.router.add_delete(f"{ADMIN_PREFIX}/requests", clear_requests)
     app.router.add_get(f"{ADMIN_PREFIX}/stats", get_stats)
@@ -133,13 +159,18 @@ def build_app(
 # --- describeImages ------------------------------------------------------------------------
 
 
-async def describe_images(request: web.Request) -> web.StreamResponse:
+async def _admitted(
+    request: web.Request,
+) -> tuple[SimulatorState, dict[str, Any], str, web.Response | None]:
+    """What every API request goes through first: the request log, latency, signature.
+    Returns the state, the log entry, a request id and the 401 when the signature fails."""
     state = request.app[STATE]
     region = request.match_info["regionId"]
     request_id = os.urandom(16).hex()
     entry: dict[str, Any] = {
         "time": time.time(),
         "region": region,
+        "path": request.rel_url.raw_path,
         "query": request.rel_url.raw_query_string,
         "status": None,
         "fault": None,
@@ -161,17 +192,32 @@ async def describe_images(request: web.Request) -> web.StreamResponse:
         secret_for=state.secret_for,
     )
     if reason is not None:
-        return _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
+        failed = _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
+        return state, entry, request_id, failed
+    return state, entry, request_id, None
 
-    params = request.query
-    ids = _ids(params)
-    source = None if ids else params.get("imageSource")
+
+def _decide_fault(
+    state: SimulatorState, entry: dict[str, Any], region: str, source: str | None
+) -> Fault | None:
     fault = state.faults.decide(region, source)
     if fault is not None:
         entry["fault"] = fault.kind if fault.kind != "status" else fault.status
         state.counters[f"fault:{entry['fault']}"] += 1
-        if fault.kind != "truncated":
-            return await _inject(request, entry, request_id, fault)
+    return fault
+
+
+async def describe_images(request: web.Request) -> web.StreamResponse:
+    state, entry, request_id, refused = await _admitted(request)
+    if refused is not None:
+        return refused
+    region = request.match_info["regionId"]
+    params = request.query
+    ids = _ids(params)
+    source = None if ids else params.get("imageSource")
+    fault = _decide_fault(state, entry, region, source)
+    if fault is not None and fault.kind != "truncated":
+        return await _inject(request, entry, request_id, fault)
 
     try:
         page_number = _int_param(params, "pageNumber", 1)
@@ -194,11 +240,7 @@ async def describe_images(request: web.Request) -> web.StreamResponse:
                 region, query, page_number=page_number, page_size=page_size
             )
     except _ApiError as error:
-        response = _error(entry, request_id, error.status, error.message)
-        if fault is None:
-            return response
-        assert isinstance(response.body, bytes)
-        return await _truncated(request, response.status, response.body, request_id)
+        return await _refuse(request, entry, request_id, error, fault)
 
     entry["status"] = 200
     payload = b"".join(
@@ -215,6 +257,111 @@ async def describe_images(request: web.Request) -> web.StreamResponse:
     if fault is not None:
         return await _truncated(request, 200, payload, request_id)
     return _json(payload, request_id)
+
+
+async def _refuse(
+    request: web.Request,
+    entry: dict[str, Any],
+    request_id: str,
+    error: _ApiError,
+    fault: Fault | None,
+) -> web.StreamResponse:
+    """The API's error response (cut short when the fault is ``truncated``)."""
+    response = _error(entry, request_id, error.status, error.message)
+    if fault is None:
+        return response
+    assert isinstance(response.body, bytes)
+    return await _truncated(request, response.status, response.body, request_id)
+
+
+# --- describeImage, describeImageMembers, describeImageConstraints[Batch] ---------------
+
+
+async def _image_api(
+    request: web.Request, api: str, answer: Callable[[SimulatorState, str], Any]
+) -> web.StreamResponse:
+    """One of the other image APIs: admission, faults, then ``{"result": answer(...)}``.
+    ``answer`` raises :class:`_ApiError` (or :class:`CatalogueError`: 404 NOT_FOUND)."""
+    state, entry, request_id, refused = await _admitted(request)
+    if refused is not None:
+        return refused
+    region = request.match_info["regionId"]
+    fault = _decide_fault(state, entry, region, api)
+    if fault is not None and fault.kind != "truncated":
+        return await _inject(request, entry, request_id, fault)
+    try:
+        if region not in state.catalogue.regions:
+            raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter regionId: {region}")
+        try:
+            result = answer(state, region)
+        except CatalogueError as exc:
+            raise _ApiError("NOT_FOUND", str(exc)) from None
+    except _ApiError as error:
+        return await _refuse(request, entry, request_id, error, fault)
+    entry["status"] = 200
+    payload = orjson.dumps({"requestId": request_id, "result": result})
+    if fault is not None:
+        return await _truncated(request, 200, payload, request_id)
+    return _json(payload, request_id)
+
+
+def _image_of(state: SimulatorState, region: str, image_id: str) -> dict[str, Any]:
+    image = state.catalogue.get(region, image_id)
+    if image is None:
+        raise _ApiError("NOT_FOUND", f"Image {image_id} not found")
+    return image
+
+
+def _constraint_of(state: SimulatorState, region: str, image_id: str) -> dict[str, Any]:
+    return {
+        "imageId": image_id,
+        "imageInstanceTypeConstraint": state.catalogue.constraint(region, image_id),
+    }
+
+
+async def describe_image(request: web.Request) -> web.StreamResponse:
+    image_id = request.match_info["imageId"]
+    return await _image_api(
+        request,
+        "describeImage",
+        lambda state, region: {"image": _image_of(state, region, image_id)},
+    )
+
+
+async def describe_image_members(request: web.Request) -> web.StreamResponse:
+    image_id = request.match_info["imageId"]
+
+    def answer(state: SimulatorState, region: str) -> dict[str, Any]:
+        _image_of(state, region, image_id)
+        return {"pins": state.catalogue.members(region, image_id)}
+
+    return await _image_api(request, "describeImageMembers", answer)
+
+
+async def describe_image_constraints(request: web.Request) -> web.StreamResponse:
+    image_id = request.match_info["imageId"]
+
+    def answer(state: SimulatorState, region: str) -> dict[str, Any]:
+        _image_of(state, region, image_id)
+        return {"imageConstraints": _constraint_of(state, region, image_id)}
+
+    return await _image_api(request, "describeImageConstraints", answer)
+
+
+async def describe_constraints_batch(request: web.Request) -> web.StreamResponse:
+    ids = _ids(request.query)
+
+    def answer(state: SimulatorState, region: str) -> dict[str, Any]:
+        catalogue = state.catalogue
+        found = [
+            _constraint_of(state, region, image_id)
+            for image_id in dict.fromkeys(ids)
+            if catalogue.source_of(region, image_id) is not None
+            and catalogue.constraint(region, image_id) is not None
+        ]
+        return {"imageConstraints": found}
+
+    return await _image_api(request, "describeImageConstraintsBatch", answer)
 
 
 async def _truncated(
@@ -455,6 +602,42 @@ async def change_catalogue(request: web.Request) -> web.Response:
     return _admin_json({"image": image})
 
 
+async def change_shares(request: web.Request) -> web.Response:
+    """POST /__simulator__/shares/{share|unshare} with {"region", "image_id", "pins"}."""
+    op = request.match_info["op"]
+    if op not in ("share", "unshare"):
+        return _admin_json({"error": f"unknown operation {op!r}; share or unshare"}, status=404)
+    body = await _json_body(request)
+    catalogue = request.app[STATE].catalogue
+    return _admin_change(
+        lambda: {"pins": getattr(catalogue, op)(body["region"], body["image_id"], body["pins"])}
+    )
+
+
+async def put_constraint(request: web.Request) -> web.Response:
+    """PUT /__simulator__/constraints with {"region", "image_id", "constraint" | null}."""
+    body = await _json_body(request)
+    catalogue = request.app[STATE].catalogue
+    return _admin_change(
+        lambda: {
+            "constraint": catalogue.set_constraint(
+                body["region"], body["image_id"], body.get("constraint")
+            )
+        }
+    )
+
+
+def _admin_change(change: Callable[[], dict[str, Any]]) -> web.Response:
+    try:
+        return _admin_json(change())
+    except CatalogueError as exc:
+        return _admin_json({"error": str(exc)}, status=404)
+    except KeyError as exc:
+        return _admin_json({"error": f"missing {exc.args[0]!r}"}, status=400)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return _admin_json({"error": str(exc)}, status=400)
+
+
 async def get_requests(request: web.Request) -> web.Response:
     """The request log, oldest first; ?limit=N keeps the last N."""
     log = list(request.app[STATE].requests)
@@ -518,7 +701,7 @@ class Simulator:
 
     @property
     def requests(self) -> deque[dict[str, Any]]:
-        """The request log (bounded; newest last): time, region, query, status, fault."""
+        """The request log (bounded; newest last): time, region, path, query, status, fault."""
         return self.state.requests
 
 

@@ -26,7 +26,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.normalize import DISK_COLUMNS, IMAGE_COLUMNS, KNOWN_FIELDS, ImageRow, image_record
+from service.normalize import (
+    DISK_COLUMNS,
+    EXTRA_COLUMNS,
+    IMAGE_COLUMNS,
+    KNOWN_FIELDS,
+    ImageExtras,
+    ImageRow,
+    image_record,
+)
 from service.store.feed import event_id_floor, record_batch
 from service.store.tables import EVENT_TYPES
 
@@ -36,7 +44,10 @@ PARTITION_LOCK_SPACE = 0x1D5C
 _STAGE_IMAGE_COLUMNS = (*IMAGE_COLUMNS, "raw", "listing")
 _STAGE_DISK_COLUMNS = ("image_id", *DISK_COLUMNS, "listing")
 _EXTRA_KEYS = "ARRAY[" + ", ".join(f"'{k}'" for k in sorted(KNOWN_FIELDS)) + "]::text[]"
-_DOC_FIELDS = tuple(c for c in IMAGE_COLUMNS if c not in ("region_id", "image_id", "content_hash"))
+_DOC_FIELDS = (
+    *(c for c in IMAGE_COLUMNS if c not in ("region_id", "image_id", "content_hash")),
+    *EXTRA_COLUMNS,
+)
 
 
 def partition_lock_key(region: str, source: str) -> int:
@@ -65,8 +76,14 @@ _CREATE_STAGING = [
         os_version text, architecture text, os_type text, status text, description text,
         owner_pin text, launch_permission text, root_device_type text, snapshot_id text,
         boot_mode text, system_disk_size_gb integer, size_mb integer, progress integer,
-        created_at timestamptz, "offline" boolean, content_hash bytea, raw jsonb,
-        listing smallint
+        created_at timestamptz, "offline" boolean, login_name text, imported boolean,
+        expired_at timestamptz, instance_id text, charge_service_code text,
+        charge_formula jsonb, content_hash bytea, raw jsonb, listing smallint,
+        shared_with text[], instance_types_constraint text, instance_types text[]
+    ) ON COMMIT DROP""",
+    """CREATE TEMP TABLE stage_extras (
+        image_id text PRIMARY KEY, shared_with text[], instance_types_constraint text,
+        instance_types text[]
     ) ON COMMIT DROP""",
     """CREATE TEMP TABLE stage_seen (image_id text, listing smallint) ON COMMIT DROP""",
     """CREATE TEMP TABLE stage_disks (
@@ -77,10 +94,13 @@ _CREATE_STAGING = [
     ) ON COMMIT DROP""",
 ]
 
-_COLS = ", ".join(IMAGE_COLUMNS)
+_COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
 _SET_COLS = ", ".join(
-    f"{c} = EXCLUDED.{c}" for c in (*IMAGE_COLUMNS, "raw") if c not in ("region_id", "image_id")
+    f"{c} = EXCLUDED.{c}"
+    for c in (*IMAGE_COLUMNS, *EXTRA_COLUMNS, "raw")
+    if c not in ("region_id", "image_id")
 )
+_EXTRAS_DIFFER = " OR ".join(f"i.{c} IS DISTINCT FROM e.{c}" for c in EXTRA_COLUMNS)
 _DISK_COLS = ", ".join(DISK_COLUMNS)
 
 _DEDUPE_IMAGES = """
@@ -95,6 +115,36 @@ _DEDUPE_DISKS = """
 DELETE FROM stage_disks d
  WHERE NOT EXISTS (SELECT 1 FROM stage_images s
                     WHERE s.image_id = d.image_id AND s.listing = d.listing)
+"""
+
+# Extras (shares, constraints) come from other APIs and are not in the content hash:
+# an image listed with its stored hash whose extras changed is staged in full again,
+# from its stored row and disks, so the classification below sees it as changed.
+_PROMOTE_SEEN = f"""
+CREATE TEMP TABLE stage_promoted ON COMMIT DROP AS
+SELECT u.image_id, u.listing
+  FROM stage_seen u
+  JOIN inventory.images i ON i.region_id = :region AND i.image_id = u.image_id
+  LEFT JOIN stage_extras x ON x.image_id = u.image_id
+  CROSS JOIN LATERAL (SELECT {", ".join(f"x.{c}" for c in EXTRA_COLUMNS)}) e
+ WHERE {_EXTRAS_DIFFER}
+"""
+_PROMOTE_IMAGES = f"""
+INSERT INTO stage_images ({", ".join(IMAGE_COLUMNS)}, raw, listing)
+SELECT {", ".join("i." + c for c in IMAGE_COLUMNS)}, i.raw, p.listing
+  FROM stage_promoted p
+  JOIN inventory.images i ON i.region_id = :region AND i.image_id = p.image_id
+"""
+_PROMOTE_DISKS = f"""
+INSERT INTO stage_disks (image_id, {", ".join(DISK_COLUMNS)}, listing)
+SELECT d.image_id, {", ".join("d." + c for c in DISK_COLUMNS)}, p.listing
+  FROM stage_promoted p
+  JOIN inventory.image_disks d ON d.region_id = :region AND d.image_id = p.image_id
+"""
+_UNSEE_PROMOTED = "DELETE FROM stage_seen u USING stage_promoted p WHERE u.image_id = p.image_id"
+_SET_EXTRAS = f"""
+UPDATE stage_images s SET {", ".join(f"{c} = x.{c}" for c in EXTRA_COLUMNS)}
+  FROM stage_extras x WHERE x.image_id = s.image_id
 """
 
 # Classify staged images against the table. Unchanged ones (same hash, still listed)
@@ -119,6 +169,7 @@ SELECT s.image_id,
          WHERE i.image_id IS NOT NULL AND d.region_id = :region AND d.image_id = s.image_id
   ) od ON true
  WHERE i.image_id IS NULL OR i.removed_at IS NOT NULL OR i.content_hash <> s.content_hash
+    OR {" OR ".join(f"i.{c} IS DISTINCT FROM s.{c}" for c in EXTRA_COLUMNS)}
 """
 
 _DIFF = """
@@ -180,7 +231,7 @@ SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
 
 _UPSERT_IMAGES = f"""
 INSERT INTO inventory.images ({_COLS}, raw, first_seen_at, last_changed_at, removed_at)
-SELECT {", ".join("s." + c for c in IMAGE_COLUMNS)}, s.raw, now(), now(), NULL
+SELECT {", ".join("s." + c for c in (*IMAGE_COLUMNS, *EXTRA_COLUMNS))}, s.raw, now(), now(), NULL
   FROM stage_images s JOIN stage_diff d USING (image_id)
 ON CONFLICT (region_id, image_id) DO UPDATE
    SET {_SET_COLS}, last_changed_at = now(), removed_at = NULL
@@ -256,6 +307,7 @@ class PartitionWriter:
         self.source = source
         self._driver: Any = None
         self._listings: set[int] = set()  # listings that staged anything
+        self._extras = False  # stage_extras called: the partition's extras were fetched
 
     async def try_lock(self) -> bool:
         """Take the partition's transaction-scoped advisory lock; False if another holds it."""
@@ -323,6 +375,41 @@ class PartitionWriter:
                 columns=("image_id", "listing"),
             )
 
+    async def stage_extras(self, extras: Sequence[ImageExtras]) -> None:
+        """COPY what describeImageMembers / describeImageConstraintsBatch said about the
+        partition's images (only those with something to say: the others are null).
+        Called once per partition whose source has extras, even with nothing to stage:
+        then stored extras of images without any now are cleared."""
+        self._extras = True
+        if extras:
+            await self._driver.copy_records_to_table(
+                "stage_extras",
+                records=[e.record() for e in extras],
+                columns=("image_id", *EXTRA_COLUMNS),
+            )
+
+    async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
+        """The stored shares and constraints of these images (those that have any)."""
+        if not image_ids:
+            return []
+        result = await self._conn.execute(
+            sa.text(
+                f"SELECT image_id, {', '.join(EXTRA_COLUMNS)} FROM inventory.images"
+                " WHERE region_id = :region AND image_id = ANY(CAST(:ids AS text[]))"
+                f" AND ({' OR '.join(f'{c} IS NOT NULL' for c in EXTRA_COLUMNS)})"
+            ),
+            {"region": self.region, "ids": list(image_ids)},
+        )
+        return [
+            ImageExtras(
+                image_id,
+                None if shared is None else tuple(shared),
+                kind,
+                None if types is None else tuple(types),
+            )
+            for image_id, shared, kind, types in result.all()
+        ]
+
     async def discard_listing(self, listing: int) -> None:
         """Forget what one listing staged (it is about to be listed again)."""
         await self._conn.execute(
@@ -373,6 +460,8 @@ class PartitionWriter:
         await conn.execute(sa.text("ANALYZE stage_seen"))
         await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
         await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
+        if self._extras:
+            await self._apply_extras(params)
         seen = (
             await conn.scalar(
                 sa.text(
@@ -418,6 +507,15 @@ class PartitionWriter:
             floor=floor,
         )
         return merged
+
+    async def _apply_extras(self, params: dict[str, Any]) -> None:
+        conn = self._conn
+        await conn.execute(sa.text(_PROMOTE_SEEN), params)
+        if await conn.scalar(sa.text("SELECT count(*) FROM stage_promoted")):
+            await conn.execute(sa.text(_PROMOTE_IMAGES), params)
+            await conn.execute(sa.text(_PROMOTE_DISKS), params)
+            await conn.execute(sa.text(_UNSEE_PROMOTED))
+        await conn.execute(sa.text(_SET_EXTRAS))
 
 
 def _disk_tuple(d: Any) -> tuple[Any, ...]:

@@ -72,7 +72,7 @@ images = Table(
     Column("name", Text, comment="API name."),
     Column("platform", Text, comment="API platform: Ubuntu, CentOS, Windows Server, ..."),
     Column("os_version", Text, comment="API osVersion, e.g. 8.2."),
-    Column("architecture", Text, comment="API architecture: x86_64 or i386."),
+    Column("architecture", Text, comment="API architecture: x86_64, arm64 or i386."),
     Column("os_type", Text, comment="API osType: linux or windows."),
     Column("status", Text, comment="API status, e.g. ready, creating, error."),
     Column("description", Text, comment="API desc."),
@@ -110,6 +110,33 @@ images = Table(
     _tz("first_seen_at", "When this service first listed the image.", nullable=False),
     _tz("last_changed_at", "When the row last changed (a new API content hash).", nullable=False),
     _tz("removed_at", "When a complete listing last missed the image; null while listed."),
+    *(
+        Column(name, type_, comment=comment)
+        for name, type_, comment in (
+            ("login_name", Text, "API loginName: the owner's cloud account name."),
+            ("imported", Boolean, "API imported: true when the image was imported."),
+            ("expired_at", DateTime(timezone=True), "API expiredTime (Beijing time); null: never."),
+            ("instance_id", Text, "API instanceId: the instance the image was made from."),
+            ("charge_service_code", Text, "API chargeInfo.serviceCode (billing resource type)."),
+            ("charge_formula", JSONB, "API chargeInfo.formula (billing items), as received."),
+            (
+                "shared_with",
+                ARRAY(Text),
+                "describeImageMembers pins, sorted, for private images shared with specified "
+                "users; null when not fetched or not applicable.",
+            ),
+            (
+                "instance_types_constraint",
+                Text,
+                "describeImageConstraintsBatch constraintsType: includes, excludes; null: none.",
+            ),
+            (
+                "instance_types",
+                ARRAY(Text),
+                "describeImageConstraintsBatch instanceTypes the constraint lists; null: none.",
+            ),
+        )
+    ),
     PrimaryKeyConstraint("region_id", "image_id"),
     Index(None, "region_id", "image_source"),
     comment="Every image ever listed, one row per (region_id, image_id); "
