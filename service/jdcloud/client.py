@@ -648,7 +648,7 @@ def _error_fields(body: bytes) -> tuple[str, str, str | None]:
     )
 
 
-class _ErrorInBody(Exception):  # noqa: N818 - private: never leaves the client
+class _ErrorInBody(Exception):
     """An error object found inside a 200 response: the client classifies it as the
     same HTTP status would be (:meth:`ImagesClient._classify`)."""
 
