@@ -23,7 +23,6 @@ from service.simulator import running_simulator
 from service.store import migrate
 from tests.test_api_faults import run_cli
 from tests.test_config_errors import LOCAL, _assert_one_clear_line, _cli, _env
-from tests.test_schema import scratch_engine  # noqa: F401 - the fixture
 
 OPERATIONS_MD = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 UNREACHABLE_DB = "postgresql://u@127.0.0.1:1/inventory"
@@ -225,7 +224,7 @@ async def test_the_simulator_admin_url_it_advertises_lists_its_operations() -> N
 
 
 async def test_run_on_an_old_schema_exits_with_one_line_as_operations_md_says(
-    scratch_engine: AsyncEngine,  # noqa: F811 - the imported fixture
+    scratch_engine: AsyncEngine,
     pg_server_url: str,
     cli_env: dict[str, str],
 ) -> None:
