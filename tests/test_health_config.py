@@ -23,7 +23,6 @@ from service.sync import sync_once
 from service.web.data import refresh_gauges
 from tests.fault_helpers import mutate
 from tests.test_api_faults import run_cli
-from tests.test_schema import scratch_engine  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 20  # 4 default regions x 5 sources
@@ -202,7 +201,7 @@ async def test_new_images_query_returns_only_what_changed_after_the_initial_load
 
 
 async def test_migration_backfills_baseline_from_the_first_succeeded_sync(
-    scratch_engine: AsyncEngine,  # noqa: F811 - the imported fixture
+    scratch_engine: AsyncEngine,
 ) -> None:
     await migrate.upgrade(scratch_engine, "0002")
     async with scratch_engine.begin() as conn:
