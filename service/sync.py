@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import OFFLINE_SOURCES
 from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
-from service.jdcloud.client import ImagesClient, RequestStats
+from service.jdcloud.client import MIN_PAGE_SIZE, ImagesClient, RequestStats
 from service.jdcloud.listing import Listing, ListingOutcome, list_pages
 from service.metrics import Metrics
 from service.normalize import ImageRow, InvalidItem, content_hash, normalize_image
@@ -363,13 +363,22 @@ async def _sync_partition(
                         for listing in partition.listings()
                     )
                 )
+                moved = all(settled) and not await _totals_unchanged(
+                    client, partition, staged, stats
+                )
+                settled = [ok and not moved for ok in settled]
                 complete = all(settled) and staged.invalid_without_id == 0
                 counts = await writer.merge(
                     run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
                 )
                 status = "succeeded" if complete else "incomplete"
                 message = None
-                if not all(settled):
+                if moved:
+                    message = (
+                        "a listing's totalCount changed while the other listing was read "
+                        "(an image moved between them?): nothing was removed"
+                    )
+                elif not all(settled):
                     message = (
                         f"the listing kept changing while it was read ({MAX_LISTING_PASSES} passes): "
                         "nothing was removed"
@@ -475,6 +484,30 @@ def _record(report: PartitionReport, run_id: int, started_at: datetime) -> Parti
         error_status=report.error_status,
         error_message=report.error_message,
     )
+
+
+async def _totals_unchanged(
+    client: ImagesClient, partition: Partition, staged: _Staged, stats: RequestStats
+) -> bool:
+    """For a partition of two listings (offline false/true), each read once more after
+    both settled: an image that moved from one to the other between their reads is in
+    neither, though each settled on its own, and would be removed; the move shows as a
+    changed totalCount."""
+    listings = partition.listings()
+    if len(listings) < 2:
+        return True
+    for listing in listings:
+        page = await client.describe_images(
+            listing.region,
+            image_source=listing.source,
+            offline=listing.offline,
+            page_size=MIN_PAGE_SIZE,
+            stats=stats,
+        )
+        if page.total_count != staged.outcomes[listing.index].total_count:
+            log.info("listing %s: totalCount changed after it settled; not complete", listing)
+            return False
+    return True
 
 
 class _ListingPass:
