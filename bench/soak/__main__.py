@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=18, help="seed of the catalogue and driver")
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="resource sampling")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where JSON/SVG go")
+    parser.add_argument(
+        "--print", type=Path, metavar="JSON", help="print a saved report, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.print:
+        saved = json.loads(args.print.read_text())
+        report.print_table(saved)
+        return 0 if saved["ok"] else 1
     if args.minutes < 1 or args.images < 100 or args.sample_seconds <= 0:
         parser.error("--minutes must be >= 1, --images >= 100, --sample-seconds > 0")
     options = Options(

@@ -38,6 +38,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"{_per_hour(rss):>12}   FDs {fds['start']:>3} -> {fds['end']:>3} {_per_hour(fds):>10}"
             f"   DB conns max {conns['max']:>2}/{result['resources']['pool_bound']}"
         )
+    peaks: dict[str, int] = {}
+    for sample in result["samples"]:
+        for application, count in (sample.get("connections") or {}).items():
+            peaks[application] = max(peaks.get(application, 0), count)
+    shown = ", ".join(f"{name} {count}" for name, count in sorted(peaks.items()))
+    print(f"  server connections, peak per application: {shown or '-'}")
     sizes = [s["inventory_bytes"] for s in result["samples"] if s.get("inventory_bytes")]
     if sizes:
         print(f"  inventory schema {sizes[0] / 2**20:.1f} -> {sizes[-1] / 2**20:.1f} MB")
