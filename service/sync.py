@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import OFFLINE_SOURCES
 from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
-from service.jdcloud.client import MIN_PAGE_SIZE, ImagesClient, RequestStats
+from service.jdcloud.client import ImagesClient, RequestStats
 from service.jdcloud.listing import Listing, ListingOutcome, list_pages
 from service.metrics import Metrics
 from service.normalize import ImageRow, InvalidItem, content_hash, normalize_image
@@ -128,6 +128,7 @@ class _Staged:
     # logged once, however many passes re-read its listing.
     invalid_seen: set[tuple[int, str]] = field(default_factory=set)
     outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
+    seen: dict[int, set[str]] = field(default_factory=dict)  # listing -> ids of its last pass
     # image_id -> stored content hash of the partition's listed images: an item whose
     # hash is unchanged is only recorded as seen, not normalised or staged in full.
     known: dict[str, bytes] = field(default_factory=dict)
@@ -363,22 +364,15 @@ async def _sync_partition(
                         for listing in partition.listings()
                     )
                 )
-                moved = all(settled) and not await _totals_unchanged(
-                    client, partition, staged, stats
-                )
-                settled = [ok and not moved for ok in settled]
                 complete = all(settled) and staged.invalid_without_id == 0
+                if complete:
+                    staged.keep_ids |= await _still_there(client, partition, staged, stats)
                 counts = await writer.merge(
                     run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
                 )
                 status = "succeeded" if complete else "incomplete"
                 message = None
-                if moved:
-                    message = (
-                        "a listing's totalCount changed while the other listing was read "
-                        "(an image moved between them?): nothing was removed"
-                    )
-                elif not all(settled):
+                if not all(settled):
                     message = (
                         f"the listing kept changing while it was read ({MAX_LISTING_PASSES} passes): "
                         "nothing was removed"
@@ -486,28 +480,36 @@ def _record(report: PartitionReport, run_id: int, started_at: datetime) -> Parti
     )
 
 
-async def _totals_unchanged(
+async def _still_there(
     client: ImagesClient, partition: Partition, staged: _Staged, stats: RequestStats
-) -> bool:
-    """For a partition of two listings (offline false/true), each read once more after
-    both settled: an image that moved from one to the other between their reads is in
-    neither, though each settled on its own, and would be removed; the move shows as a
-    changed totalCount."""
-    listings = partition.listings()
-    if len(listings) < 2:
-        return True
-    for listing in listings:
-        page = await client.describe_images(
-            listing.region,
-            image_source=listing.source,
-            offline=listing.offline,
-            page_size=MIN_PAGE_SIZE,
-            stats=stats,
+) -> set[str]:
+    """Of the images a complete partition would remove (listed before, on no page now),
+    those the API still returns by id: they are kept, not removed.
+
+    Settled listings can still miss an image: one moving between the offline=false and
+    offline=true listings between their reads is in neither, and within a listing a
+    deletion above a page boundary plus an insertion below it between two page reads
+    keep totalCount and the count while the image sliding across the boundary is read
+    on no page. An id lookup does not page, so it cannot miss it."""
+    seen = set().union(*staged.seen.values())
+    missing = sorted(set(staged.known) - seen - staged.keep_ids)
+    if not missing:
+        return set()
+    found = await client.lookup_ids(partition.region, missing, stats=stats)
+    kept = {
+        item["imageId"]
+        for item in found
+        if isinstance(item, dict)
+        and item.get("imageSource") == partition.source
+        and item.get("imageId") in staged.known
+    }
+    if kept:
+        log.info(
+            "partition %s: %d image(s) read on no page are still there by id; not removed",
+            partition,
+            len(kept),
         )
-        if page.total_count != staged.outcomes[listing.index].total_count:
-            log.info("listing %s: totalCount changed after it settled; not complete", listing)
-            return False
-    return True
+    return kept
 
 
 class _ListingPass:
@@ -600,6 +602,7 @@ async def _list_until_settled(
             on_progress=lambda done, total: progress.pages(partition, listing, done, total),
         )
         staged.outcomes[listing.index] = outcome
+        staged.seen[listing.index] = this_pass.ids
         if outcome.settled(this_pass.unique):
             return True
         log.info(
