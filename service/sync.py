@@ -3,7 +3,8 @@
 :func:`sync_once` is the only function that syncs; the CLI, the scheduler, the demo
 and the benchmark call it. Partitions run concurrently (within a bound) and each is
 applied in its own transaction, so a failure rolls back only its partition. A failed
-or incomplete partition never removes anything. A 401/403 stops the whole run.
+or incomplete partition never removes anything; a complete one removes only images
+the API no longer returns by id. A 401/403 stops the whole run.
 """
 
 from __future__ import annotations
