@@ -2,8 +2,9 @@
 
 :func:`check_invariants` reads the database in one read-only, repeatable-read
 transaction (one snapshot, so a sync committing meanwhile cannot cause a false
-alarm) and returns one readable line per broken invariant, each with a few example
-keys; an empty list means everything holds. The invariants:
+alarm; the liveness check, which reads live lock state, runs after it: see
+:func:`_run_liveness`) and returns one readable line per broken invariant, each with a
+few example keys; an empty list means everything holds. The invariants:
 
 1. ``system_disk``: every listed image whose raw API object has a ``systemDisk`` has
    its position-0 ``system`` disk row, and as many data disk rows as ``dataDisks``;
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -216,21 +218,41 @@ async def check_invariants(engine: AsyncEngine, *, only: Sequence[str] = ()) -> 
     unknown = set(only) - set(CHECK_NAMES)
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; known: {', '.join(CHECK_NAMES)}")
+    chosen = [check for check in _CHECKS if not only or check.name in only]
+    lines: dict[str, str | None] = {}
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
             await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
-            return [
-                line
-                for check in _CHECKS
-                if not only or check.name in only
-                for line in [await _run(conn, check)]
-                if line
-            ]
+            for check in chosen:
+                if check.name != "run_liveness":
+                    lines[check.name] = await _run(conn, check)
+    for check in chosen:
+        if check.name == "run_liveness":
+            lines[check.name] = await _run_liveness(engine, check)
+    return [line for check in chosen if (line := lines[check.name])]
+
+
+async def _run_liveness(engine: AsyncEngine, check: _Check) -> str | None:
+    """The liveness check, outside the data checks' snapshot: ``pg_locks`` is live state,
+    so against an older snapshot a run that finished meanwhile (status committed, then
+    its lock released) would look crashed. Each statement here takes its snapshot after
+    the previous one, and only runs offending in two of them in a row are reported:
+    one statement's snapshot still predates its own read of ``pg_locks`` by a moment."""
+    async with engine.connect() as conn:
+        first = {key for key, _ in (await conn.execute(sa.text(check.sql))).all()}
+        await conn.commit()
+        if not first:
+            return None
+        rows = [r for r in (await conn.execute(sa.text(check.sql))).all() if r[0] in first]
+    return _line(check, rows)
 
 
 async def _run(conn: AsyncConnection, check: _Check) -> str | None:
-    rows = (await conn.execute(sa.text(check.sql))).all()
+    return _line(check, (await conn.execute(sa.text(check.sql))).all())
+
+
+def _line(check: _Check, rows: Sequence[Any]) -> str | None:
     if not rows:
         return None
     examples = "; ".join(f"{key} ({detail})" for key, detail in rows[:EXAMPLES])

@@ -3,7 +3,8 @@
 :func:`sync_once` is the only function that syncs; the CLI, the scheduler, the demo
 and the benchmark call it. Partitions run concurrently (within a bound) and each is
 applied in its own transaction, so a failure rolls back only its partition. A failed
-or incomplete partition never removes anything. A 401/403 stops the whole run.
+or incomplete partition never removes anything; a complete one removes only images
+the API no longer returns by id. A 401/403 stops the whole run.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class _Staged:
     # logged once, however many passes re-read its listing.
     invalid_seen: set[tuple[int, str]] = field(default_factory=set)
     outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
+    seen: dict[int, set[str]] = field(default_factory=dict)  # listing -> ids of its last pass
     # image_id -> stored content hash of the partition's listed images: an item whose
     # hash is unchanged is only recorded as seen, not normalised or staged in full.
     known: dict[str, bytes] = field(default_factory=dict)
@@ -375,6 +377,8 @@ async def _sync_partition(
                     # stored (the next sync sees it gone), no spurious change of shares.
                     await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
                 complete = all(settled) and staged.invalid_without_id == 0
+                if complete:
+                    staged.keep_ids |= await _still_there(client, partition, staged, stats)
                 counts = await writer.merge(
                     run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
                 )
@@ -520,6 +524,38 @@ def _record(report: PartitionReport, run_id: int) -> PartitionRecord:
         error_status=report.error_status,
         error_message=report.error_message,
     )
+
+
+async def _still_there(
+    client: ImagesClient, partition: Partition, staged: _Staged, stats: RequestStats
+) -> set[str]:
+    """Of the images a complete partition would remove (listed before, on no page now),
+    those the API still returns by id: they are kept, not removed.
+
+    Settled listings can still miss an image: one moving between the offline=false and
+    offline=true listings between their reads is in neither, and within a listing a
+    deletion above a page boundary plus an insertion below it between two page reads
+    keep totalCount and the count while the image sliding across the boundary is read
+    on no page. An id lookup does not page, so it cannot miss it."""
+    seen = set().union(*staged.seen.values())
+    missing = sorted(set(staged.known) - seen - staged.keep_ids)
+    if not missing:
+        return set()
+    found = await client.lookup_ids(partition.region, missing, stats=stats)
+    kept = {
+        item["imageId"]
+        for item in found
+        if isinstance(item, dict)
+        and item.get("imageSource") == partition.source
+        and item.get("imageId") in staged.known
+    }
+    if kept:
+        log.info(
+            "partition %s: %d image(s) read on no page are still there by id; not removed",
+            partition,
+            len(kept),
+        )
+    return kept
 
 
 class _ListingPass:
@@ -689,6 +725,7 @@ async def _list_until_settled(
         )
         staged.outcomes[listing.index] = outcome
         staged.extras_ids[listing.index] = this_pass.extras_ids
+        staged.seen[listing.index] = this_pass.ids
         if outcome.settled(this_pass.unique):
             return True
         log.info(

@@ -626,6 +626,44 @@ async def test_admin_catalogue_endpoints(session: aiohttp.ClientSession, sim: Si
     assert (await post("delete", region="cn-east-2"))[0] == 400
 
 
+async def test_admin_change_log_and_catalogue(
+    session: aiohttp.ClientSession, sim: Simulator
+) -> None:
+    """Every mutation, through the admin endpoint or by drift, is in the change log."""
+    base = f"{sim.url}/__simulator__"
+    public_id = sim.catalogue.images("cn-north-1", "public")[0]["imageId"]
+    async with session.post(
+        f"{base}/catalogue/take_offline", json={"region": "cn-north-1", "image_id": public_id}
+    ):
+        pass
+    async with session.post(
+        f"{base}/catalogue/delete", json={"region": "cn-north-1", "image_id": "img-nosuchimage"}
+    ) as response:
+        assert response.status == 404  # a refused change is not logged
+    sim.faults.update({"drift": 1.0})
+    await call(session, sim, [("imageSource", "private")])
+    async with session.get(f"{base}/changes") as response:
+        log = await response.json()
+    changes = log["changes"]
+    assert [c["seq"] for c in changes] == [1, 2] and log["last"] == 2
+    assert changes[0]["op"] == "take_offline" and changes[0]["image_id"] == public_id
+    assert changes[0]["image"]["offline"] is True and changes[0]["source"] == "public"
+    drifted = changes[1]
+    assert drifted["op"] in ("add", "delete") and drifted["source"] == "private"
+    now = sim.catalogue.get("cn-north-1", drifted["image_id"])
+    assert (now is None) == (drifted["op"] == "delete")
+    async with session.get(f"{base}/changes?since=1") as response:
+        assert [c["seq"] for c in (await response.json())["changes"]] == [2]
+    async with session.get(f"{base}/changes?since=x") as response:
+        assert response.status == 400
+    async with session.get(f"{base}/catalogue") as response:
+        served = await response.json()
+    assert served == {
+        f"{region}/{source}": sim.catalogue.images(region, source)
+        for region, source in sim.catalogue.partitions()
+    }
+
+
 async def test_admin_request_log_and_stats(session: aiohttp.ClientSession, sim: Simulator) -> None:
     await call(session, sim, [("imageSource", "public"), ("pageSize", 10)])
     await call(session, sim, [("imageSource", "public"), ("pageSize", 5)])

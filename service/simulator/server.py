@@ -38,7 +38,9 @@ Admin endpoints (JSON, unsigned, only here) live under ``/__simulator__/``:
 add, delete, modify), ``POST shares/{op}`` (op: share, unshare; body
 ``{"region", "image_id", "pins"}``), ``PUT constraints`` (body ``{"region",
 "image_id", "constraint": {"constraintsType", "instanceTypes"} | null}``),
-``GET|DELETE requests`` (the bounded request log), ``GET stats``; ``GET /__simulator__/`` lists them (generated from the router).
+``GET|DELETE requests`` (the bounded request log), ``GET stats``, ``GET changes?since=N`` (the change log: every catalogue mutation
+made through ``catalogue/{op}`` or by drift, numbered from 1, oldest first) and
+``GET catalogue`` (every image of every partition, as served); ``GET /__simulator__/`` lists them (generated from the router).
 """
 
 from __future__ import annotations
@@ -106,6 +108,21 @@ class SimulatorState:
     secret_key: str = field(repr=False)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DEFAULT_LOG_SIZE))
     counters: Counter[str] = field(default_factory=Counter)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_change(self, op: str, region: str, image: Mapping[str, Any]) -> None:
+        """Append one mutation to the change log (the ground truth a soak checks against)."""
+        self.changes.append(
+            {
+                "seq": len(self.changes) + 1,
+                "time": time.time(),
+                "op": op,
+                "region": region,
+                "source": image.get("imageSource"),
+                "image_id": image.get("imageId"),
+                "image": dict(image),  # after the change (before it, for a delete)
+            }
+        )
 
     def secret_for(self, access_key: str) -> str | None:
         return self.secret_key if access_key == self.access_key else None
@@ -148,6 +165,8 @@ def build_app(
     app.router.add_get(f"{ADMIN_PREFIX}/requests", get_requests)
     app.router.add_delete(f"{ADMIN_PREFIX}/requests", clear_requests)
     app.router.add_get(f"{ADMIN_PREFIX}/stats", get_stats)
+    app.router.add_get(f"{ADMIN_PREFIX}/changes", get_changes)
+    app.router.add_get(f"{ADMIN_PREFIX}/catalogue", get_catalogue)
     # The index lists whatever admin routes are registered above (added last, before the
     # catch-all, so it sees them all).
     app.router.add_get(f"{ADMIN_PREFIX}/", admin_index)
@@ -434,12 +453,12 @@ def _drift(state: SimulatorState, region: str, query: ListingQuery) -> None:
     offline = query.normalised().offline
     if rng.random() < 0.5:
         fields = {} if offline is None else {"offline": offline}
-        catalogue.add(region, query.source, **fields)
+        state.record_change("add", region, catalogue.add(region, query.source, **fields))
         state.counters["drift:add"] += 1
         return
     image_id = catalogue.random_image_id(region, query.source, rng, offline=offline)
     if image_id is not None:
-        catalogue.delete(region, image_id)
+        state.record_change("delete", region, catalogue.delete(region, image_id))
         state.counters["drift:delete"] += 1
 
 
@@ -599,6 +618,7 @@ async def change_catalogue(request: web.Request) -> web.Response:
         return _admin_json({"error": f"missing {exc.args[0]!r}"}, status=400)
     except (TypeError, ValueError) as exc:
         return _admin_json({"error": str(exc)}, status=400)
+    request.app[STATE].record_change(op, region, image)
     return _admin_json({"image": image})
 
 
@@ -623,6 +643,26 @@ async def put_constraint(request: web.Request) -> web.Response:
             "constraint": catalogue.set_constraint(
                 body["region"], body["image_id"], body.get("constraint")
             )
+        }
+    )
+
+
+async def get_changes(request: web.Request) -> web.Response:
+    """The change log after sequence number ``?since=N`` (default 0: all of it)."""
+    since = request.query.get("since", "0")
+    if not since.isdigit():
+        return _admin_json({"error": "since must be a whole number"}, status=400)
+    changes = request.app[STATE].changes
+    return _admin_json({"changes": changes[int(since) :], "last": len(changes)})
+
+
+async def get_catalogue(request: web.Request) -> web.Response:
+    """Every image, online and offline: {"region/source": [image, ...]} in served order."""
+    catalogue = request.app[STATE].catalogue
+    return _admin_json(
+        {
+            f"{region}/{source}": catalogue.images(region, source)
+            for region, source in catalogue.partitions()
         }
     )
 
