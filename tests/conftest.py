@@ -82,23 +82,27 @@ async def engine(session_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-async def scratch_engine(pg_server_url: str) -> AsyncIterator[AsyncEngine]:
-    """An empty database of its own (migrations are run down and up on it)."""
+def scratch_url(pg_server_url: str) -> Iterator[str]:
+    """URL of an empty database of its own (migrations are run down and up on it)."""
     name = f"image_sync_scratch_{secrets.token_hex(4)}"
-    admin = (
-        make_url(pg_server_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    admin = _libpq_url(pg_server_url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    engine = create_engine(
-        make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    )
+    try:
+        yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def scratch_engine(scratch_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on :func:`scratch_url`'s database."""
+    engine = create_engine(scratch_url)
     try:
         yield engine
     finally:
         await engine.dispose()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from rich.console import Console
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import VARIABLES, check_variable_names, known_variables
@@ -225,16 +224,18 @@ async def test_the_simulator_admin_url_it_advertises_lists_its_operations() -> N
 
 async def test_run_on_an_old_schema_exits_with_one_line_as_operations_md_says(
     scratch_engine: AsyncEngine,
-    pg_server_url: str,
+    scratch_url: str,
     cli_env: dict[str, str],
 ) -> None:
     """docs/operations.md: a pod on a schema older than its release exits at start with one
     line (and restarts until the migration Job has run); it does not serve unready."""
     await migrate.upgrade(scratch_engine, "0002")
-    async with scratch_engine.connect() as conn:
-        name = await conn.scalar(sa.text("SELECT current_database()"))
-    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    env = {**cli_env, "DATABASE_URL": url, "JDCLOUD_ENDPOINT": LOCAL, "IMAGE_SYNC_HTTP": "off"}
+    env = {
+        **cli_env,
+        "DATABASE_URL": scratch_url,
+        "JDCLOUD_ENDPOINT": LOCAL,
+        "IMAGE_SYNC_HTTP": "off",
+    }
     code, _out, err = await run_cli(env, "run")
     assert code == 1 and "Traceback" not in err, err
     (line,) = plain_lines(err)

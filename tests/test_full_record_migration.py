@@ -121,24 +121,24 @@ async def write_as_revision_0002(engine: AsyncEngine, catalogue: Catalogue) -> N
                 )
 
 
-async def sync_catalogue(engine: AsyncEngine, catalogue: Catalogue, make_settings: Any) -> Any:
-    """One sync of ``catalogue`` (served by a simulator) into ``engine``'s database."""
+async def sync_catalogue(url: str, catalogue: Catalogue, make_settings: Any) -> Any:
+    """One sync of ``catalogue`` (served by a simulator) into the database at ``url``."""
     async with (
         running_simulator(catalogue) as sim,
         open_runtime(
             make_settings(
                 sim.url,
-                DATABASE_URL=engine.url.render_as_string(hide_password=False),
+                DATABASE_URL=url,
                 IMAGE_SYNC_REGIONS="cn-north-1",
                 IMAGE_SYNC_SOURCES=",".join(SOURCES),
             )
         ) as rt,
     ):
-        return await sync_once(engine, rt.client, rt.partitions())
+        return await sync_once(rt.database.engine, rt.client, rt.partitions())
 
 
 async def test_back_filled_rows_are_not_rewritten_by_the_next_sync(
-    scratch_engine: AsyncEngine, make_settings: Any
+    scratch_engine: AsyncEngine, scratch_url: str, make_settings: Any
 ) -> None:
     engine = scratch_engine
     catalogue = catalogue_with_full_records()
@@ -181,7 +181,7 @@ async def test_back_filled_rows_are_not_rewritten_by_the_next_sync(
     assert await check_invariants(engine) == []
 
     before = await row_versions(engine)
-    report = await sync_catalogue(engine, catalogue, make_settings)
+    report = await sync_catalogue(scratch_url, catalogue, make_settings)
     assert report.ok
     assert report.total("unchanged") == len(catalogue)
     assert sum(report.total(t) for t in ("created", "updated", "removed")) == 0
@@ -190,7 +190,7 @@ async def test_back_filled_rows_are_not_rewritten_by_the_next_sync(
     # A real change after the migration: only the changed field is an event.
     first = shared[0]
     catalogue.modify("cn-north-1", first["imageId"], loginName="renamed", name="new")
-    report = await sync_catalogue(engine, catalogue, make_settings)
+    report = await sync_catalogue(scratch_url, catalogue, make_settings)
     assert report.total("updated") == 1
     async with engine.connect() as conn:
         event = (
