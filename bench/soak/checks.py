@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.soak.fleet import Fleet, SimulatorProcess
 from bench.soak.truth import GroundTruth, Key
-from service.store.engine import async_url
+from service.store.engine import create_engine
 from tests.test_sync import assert_matches_catalogue
 
 QUIET_TIMEOUT_S = 120.0
@@ -27,12 +27,9 @@ SELECT count(DISTINCT (region_id, image_source)) FROM inventory.sync_partitions
 def checker_engine(url: str) -> AsyncEngine:
     """The checker's own small pool, under its own application_name (not counted as a
     replica's), surviving the database restart (pre-ping)."""
-    return create_async_engine(
-        async_url(url),
-        pool_size=2,
-        max_overflow=0,
-        pool_pre_ping=True,
-        connect_args={"server_settings": {"application_name": "soak-checker"}},
+    separator = "&" if "?" in url else "?"
+    return create_engine(
+        f"{url}{separator}application_name=soak-checker", pool_size=2, max_overflow=0
     )
 
 
