@@ -4,7 +4,7 @@ loopback port, never a patched ClientSession."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,10 +17,15 @@ EMPTY_PAGE: dict[str, Any] = {"requestId": "r", "result": {"images": [], "totalC
 
 
 @asynccontextmanager
-async def local_api(handler: Handler) -> AsyncIterator[str]:
-    """Serve ``GET /v1/regions/{region}/images`` with ``handler``; yields the endpoint URL."""
+async def local_api(
+    handler: Handler, routes: Mapping[str, Handler] | None = None
+) -> AsyncIterator[str]:
+    """Serve ``GET /v1/regions/{region}/images`` with ``handler`` (and each of ``routes``,
+    path -> handler, e.g. describeImageMembers); yields the endpoint URL."""
     app = web.Application()
     app.router.add_get("/v1/regions/{region}/images", handler)
+    for path, route_handler in (routes or {}).items():
+        app.router.add_get(path, route_handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -28,6 +28,7 @@ from service.runtime import open_runtime
 from service.simulator import Catalogue, Simulator, running_simulator
 from service.sync import Partition, SyncReport, sync_once
 from tests.fault_helpers import MEMBERS_ROUTE, shared_with_no_one
+from tests.local_api import local_api
 from tests.test_sync import assert_matches_catalogue
 
 TRANSIENT_KINDS = (
@@ -365,18 +366,8 @@ async def serving(items: list[Any]) -> AsyncIterator[str]:
         body = {"requestId": "r", "result": {"images": items, "totalCount": len(items)}}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/v1/regions/{region}/images", handler)
-    app.router.add_get(MEMBERS_ROUTE, shared_with_no_one)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with local_api(handler, {MEMBERS_ROUTE: shared_with_no_one}) as url:
+        yield url
 
 
 async def test_invalid_items_are_counted_logged_and_do_not_poison_the_page(
@@ -446,26 +437,13 @@ async def test_total_count_understated_by_whole_pages_removes_nothing(
             {"requestId": "r", "result": {"images": page, "totalCount": total}}
         )
 
-    app = web.Application()
-    app.router.add_get("/v1/regions/{region}/images", describe)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        settings = make_settings(
-            f"http://127.0.0.1:{port}",
-            IMAGE_SYNC_REGIONS="cn-north-1",
-            IMAGE_SYNC_SOURCES="private",
-        )
+    async with local_api(describe) as url:
+        settings = make_settings(url, IMAGE_SYNC_REGIONS="cn-north-1", IMAGE_SYNC_SOURCES="private")
         async with open_runtime(settings) as rt:
             first = await sync_once(engine, rt.client, rt.partitions(), page_size=10)
             assert first.ok and first.total("created") == 30
             state["lie"] = True  # totalCount now claims 2 pages of 10; 3 pages exist
             second = await sync_once(engine, rt.client, rt.partitions(), page_size=10)
-    finally:
-        await runner.cleanup()
     assert second.partitions[0].status == "incomplete"
     assert second.total("removed") == 0
     async with engine.connect() as conn:

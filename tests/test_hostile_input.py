@@ -38,6 +38,7 @@ from service.normalize import normalize_image
 from service.simulator import Catalogue
 from service.sync import Partition, sync_once
 from tests.fault_helpers import MEMBERS_ROUTE, assert_invariants, shared_with_no_one, truncate
+from tests.local_api import local_api
 
 pytestmark = pytest.mark.db
 
@@ -109,16 +110,8 @@ async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
 @pytest.fixture(scope="module")
 async def fake_api() -> AsyncIterator[tuple[FakeApi, str]]:
     api = FakeApi()
-    app = web.Application()
-    app.router.add_get("/v1/regions/{region}/images", api.handle)
-    app.router.add_get(MEMBERS_ROUTE, shared_with_no_one)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield api, f"http://{host}:{port}"
-    await runner.cleanup()
+    async with local_api(api.handle, {MEMBERS_ROUTE: shared_with_no_one}) as url:
+        yield api, url
 
 
 # --- hostile items --------------------------------------------------------------------------
