@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"image-sync {__version__}")
     parser.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML file with settings (env wins)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with settings (env wins) and [[accounts]]; default IMAGE_SYNC_CONFIG",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -170,10 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"image-sync: configuration error: {exc}", file=sys.stderr)
         return 2
-    secrets = [
-        settings.secret_key.get_secret_value() if settings.secret_key else "",
-        settings.security_token.get_secret_value() if settings.security_token else "",
-    ]
+    secrets = settings.secret_values()
     if settings.database_url:
         # The password however given: user-info, ?password=, or inside DATABASE_URL_FILE.
         secrets.append(parse_database_url(settings.database_url.get_secret_value()).password)

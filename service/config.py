@@ -43,6 +43,16 @@ OFFLINE_SOURCES = frozenset({"public", "thirdparty"})
 """Sources whose partition is two listings, ``offline=false`` and ``offline=true``."""
 
 DEFAULT_ENDPOINT = "https://vm.jdcloud-api.com"
+DEFAULT_STS_ENDPOINT = "https://sts.jdcloud-api.com"
+DEFAULT_ACCOUNT = "default"
+CATALOGUE_SOURCES: tuple[str, ...] = ("public", "thirdparty", "community")
+"""Sources every account sees alike: listed once per region, with no account."""
+ACCOUNT_SOURCES: tuple[str, ...] = ("private", "shared")
+"""Sources whose listing depends on the account: one partition per (account, region)."""
+ACCOUNT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""An account's name (DESIGN.md, Accounts): chosen by the operator, stable."""
+ROLE_DURATION_RANGE = (900, 43200)
+"""Seconds: the ``duration_seconds`` STS accepts for a role session."""
 DEFAULT_REGIONS = "cn-north-1,cn-east-1,cn-east-2,cn-south-1"
 
 _REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
@@ -55,6 +65,9 @@ VARIABLES: dict[str, str] = {
     "JDCLOUD_SECRET_KEY": "secret_key",
     "JDCLOUD_SECURITY_TOKEN": "security_token",
     "JDCLOUD_ENDPOINT": "endpoint",
+    "JDCLOUD_STS_ENDPOINT": "sts_endpoint",
+    "IMAGE_SYNC_ACCOUNT": "account",
+    "IMAGE_SYNC_CONFIG": "config",
     "IMAGE_SYNC_REGIONS": "regions",
     "IMAGE_SYNC_SOURCES": "sources",
     "IMAGE_SYNC_INTERVAL": "interval",
@@ -172,6 +185,88 @@ class WebhookConfig(BaseModel):
         return value
 
 
+_INLINE_SECRETS = {
+    "access_key": "access_key_env or access_key_file",
+    "secret_key": "secret_key_env or secret_key_file",
+    "security_token": "security_token_env",
+    "secret": "secret_key_env or secret_key_file",
+}
+
+
+class AccountConfig(BaseModel):
+    """One ``[[accounts]]`` table of the TOML file (DESIGN.md, Accounts).
+
+    The key pair comes from the environment variables ``*_env`` name or from the files
+    ``*_file`` name (never written in the file itself); or the account is a role
+    (``role_jrn``) assumed with the base pair; or neither: the base pair itself. The
+    secrets are filled in by :func:`load_settings` (``access_key``, ``secret_key``,
+    ``security_token``; excluded from dumps)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(pattern=ACCOUNT_NAME)
+    access_key_env: str | None = Field(default=None, min_length=1)
+    secret_key_env: str | None = Field(default=None, min_length=1)
+    security_token_env: str | None = Field(default=None, min_length=1)
+    access_key_file: Path | None = None
+    secret_key_file: Path | None = None
+    role_jrn: str | None = Field(default=None, pattern=r"^jrn:[^\s]+$")
+    duration_seconds: int = Field(
+        default=3600, ge=ROLE_DURATION_RANGE[0], le=ROLE_DURATION_RANGE[1], strict=True
+    )
+    session_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@=,-]{2,64}$")
+    regions: tuple[str, ...] | None = None
+    access_key: str | None = Field(default=None, exclude=True)
+    secret_key: SecretStr | None = Field(default=None, exclude=True)
+    security_token: SecretStr | None = Field(default=None, exclude=True)
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _regions(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise ValueError('must be a non-empty list of region ids, e.g. ["cn-north-1"]')
+        return tuple(dict.fromkeys(region_id(region) for region in value))
+
+    @property
+    def kind(self) -> Literal["env", "file", "role", "base"]:
+        if self.role_jrn is not None:
+            return "role"
+        if self.access_key_env is not None or self.secret_key_env is not None:
+            return "env"
+        if self.access_key_file is not None or self.secret_key_file is not None:
+            return "file"
+        return "base"
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSpec:
+    """A role assumed through STS with the base pair."""
+
+    role_jrn: str
+    session_name: str
+    duration_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One configured account, resolved: its own key pair (``credentials``) or a role
+    assumed with ``base`` (the base pair), and the regions it covers."""
+
+    name: str
+    regions: tuple[str, ...]
+    credentials: Credentials | None = None
+    role: RoleSpec | None = None
+    base: Credentials | None = None
+
+    def __post_init__(self) -> None:
+        if (self.credentials is None) == (self.role is None):
+            raise ValueError("an account has either its own key pair or a role")
+        if self.role is not None and self.base is None:
+            raise ValueError("a role account needs the base pair")
+
+
 class Settings(BaseModel):
     """The validated configuration. Secrets are :class:`SecretStr`, never printed."""
 
@@ -187,6 +282,9 @@ class Settings(BaseModel):
     secret_key: SecretStr | None = None
     security_token: SecretStr | None = None
     endpoint: str = DEFAULT_ENDPOINT
+    sts_endpoint: str = DEFAULT_STS_ENDPOINT
+    account: str = Field(default=DEFAULT_ACCOUNT, pattern=ACCOUNT_NAME)
+    config: Path | None = None
     regions: tuple[str, ...] = tuple(DEFAULT_REGIONS.split(","))
     sources: tuple[str, ...] = SOURCES
     interval: float = Field(default=900, gt=0, le=MAX_SECONDS)
@@ -214,6 +312,7 @@ class Settings(BaseModel):
     webhook_max_attempts: int = Field(default=5, ge=1, le=50)
     webhook_timeout: float = Field(default=10, gt=0, le=300)
     webhooks: tuple[WebhookConfig, ...] = ()
+    accounts: tuple[AccountConfig, ...] = ()
 
     _blank_is_none = field_validator(
         "database_url",
@@ -289,7 +388,17 @@ class Settings(BaseModel):
                 raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
         return tuple(dict.fromkeys(sources))
 
-    @field_validator("endpoint")
+    @field_validator("accounts")
+    @classmethod
+    def _unique_accounts(cls, value: tuple[AccountConfig, ...]) -> tuple[AccountConfig, ...]:
+        seen: set[str] = set()
+        for entry in value:
+            if entry.name in seen:
+                raise ValueError(f"the account name {entry.name!r} is given twice")
+            seen.add(entry.name)
+        return value
+
+    @field_validator("endpoint", "sts_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         parts = urlsplit(value)
@@ -359,6 +468,43 @@ class Settings(BaseModel):
 
         return Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY, None)
 
+    def configured_accounts(self) -> tuple[Account, ...]:
+        """The accounts to sync, in configuration order: the ``[[accounts]]`` of the TOML
+        file, else the one account of the base pair named ``IMAGE_SYNC_ACCOUNT``."""
+        if not self.accounts:
+            return (Account(self.account, self.regions, credentials=self.credentials()),)
+        base = self.credentials()
+        out = []
+        for entry in self.accounts:
+            regions = entry.regions or self.regions
+            if entry.role_jrn is not None:
+                role = RoleSpec(
+                    entry.role_jrn,
+                    entry.session_name or f"image-sync-{entry.name}",
+                    entry.duration_seconds,
+                )
+                out.append(Account(entry.name, regions, role=role, base=base))
+            elif entry.access_key and entry.secret_key is not None:
+                token = entry.security_token.get_secret_value() if entry.security_token else None
+                creds = Credentials(entry.access_key, entry.secret_key.get_secret_value(), token)
+                out.append(Account(entry.name, regions, credentials=creds))
+            else:
+                out.append(Account(entry.name, regions, credentials=base))
+        return tuple(out)
+
+    def secret_values(self) -> list[str]:
+        """Every secret the settings hold (for the log redactor); session tokens that STS
+        hands out later are added by their owner."""
+        values = [
+            self.secret_key.get_secret_value() if self.secret_key else "",
+            self.security_token.get_secret_value() if self.security_token else "",
+        ]
+        for entry in self.accounts:
+            for secret in (entry.secret_key, entry.security_token):
+                if secret is not None:
+                    values.append(secret.get_secret_value())
+        return [value for value in values if value]
+
     def redacted(self) -> dict[str, str]:
         """Every variable with its effective value, secrets masked: for logs and --help."""
         out: dict[str, str] = {}
@@ -366,6 +512,8 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if name == "database_url" and value is not None:
                 out[variable] = parse_database_url(value.get_secret_value()).display()
+            elif name == "config":
+                out[variable] = "" if value is None else str(value)
             elif name == "webhook_url" and value is not None:
                 out[variable] = _public_url(value)
             elif isinstance(value, SecretStr):
@@ -435,21 +583,28 @@ def load_settings(
     """
     check_variable_names(environ, warn or logging.getLogger(__name__).warning)
     raw: dict[str, Any] = {}
+    config_name = "--config"
+    if config_file is None and environ.get("IMAGE_SYNC_CONFIG", "").strip():
+        config_file, config_name = environ["IMAGE_SYNC_CONFIG"].strip(), "IMAGE_SYNC_CONFIG"
     if config_file is not None:
-        raw.update(_read_toml(Path(config_file)))
+        raw.update(_read_toml(Path(config_file), config_name))
     environ = {**environ, **_read_secret_files(environ)}
     raw.update({VARIABLES[name]: value for name, value in environ.items() if name in VARIABLES})
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if config_file is not None:
+        raw["config"] = str(config_file)  # the file read, whichever way it was named
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else ""
         variable = _FIELD_TO_VARIABLE.get(name, name or "configuration")
-        if name == "webhooks" and len(error["loc"]) > 1:
-            variable = f"webhooks[{error['loc'][1]}]" + "".join(f".{p}" for p in error["loc"][2:])
+        if name in ("webhooks", "accounts") and len(error["loc"]) > 1:
+            variable = f"{name}[{error['loc'][1]}]" + "".join(f".{p}" for p in error["loc"][2:])
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
+        if name == "accounts" and error["type"] == "extra_forbidden":
+            message, value = "unknown key", None  # its value may be a secret: not shown
         if name not in (
             "database_url",
             "access_key",
@@ -460,13 +615,23 @@ def load_settings(
             message = f"{message} (got {value!r})"
         raise ConfigError(variable, message) from None
     settings = _webhook_secrets(settings, environ)
+    settings = _account_secrets(settings, environ)
     if bool(settings.access_key) != (settings.secret_key is not None):
         # Half a key pair is a mistake on any endpoint (the simulator's demo pair
         # would otherwise be used silently).
         missing = "JDCLOUD_SECRET_KEY" if settings.access_key else "JDCLOUD_ACCESS_KEY"
         other = "JDCLOUD_ACCESS_KEY" if settings.access_key else "JDCLOUD_SECRET_KEY"
         raise ConfigError(missing, f"required when {other} is set")
-    if needs_api and not settings.is_local_endpoint:
+    base_needed = not settings.accounts or any(entry.kind == "base" for entry in settings.accounts)
+    for index, entry in enumerate(settings.accounts):
+        if entry.kind == "role" and not settings.access_key:
+            # A role is assumed with the base pair; the demo pair assumes nothing.
+            raise ConfigError(
+                f"accounts[{index}].role_jrn",
+                "a role is assumed with the base pair: set JDCLOUD_ACCESS_KEY and "
+                "JDCLOUD_SECRET_KEY",
+            )
+    if needs_api and base_needed and not settings.is_local_endpoint:
         if not settings.access_key:
             raise ConfigError(
                 "JDCLOUD_ACCESS_KEY", f"required for the endpoint {settings.endpoint}"
@@ -519,24 +684,118 @@ def _webhook_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
     return settings.model_copy(update={"webhooks": tuple(hooks)})
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, name: str = "--config") -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError("--config", f"no such file: {path}") from None
+        raise ConfigError(name, f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(name, f"{path} is a directory, not a TOML file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+        raise ConfigError(name, f"cannot read {path}: {reason}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError(name, f"{path} is not valid TOML: {exc}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key == "webhooks":  # [[webhooks]]: a list of tables, not a variable
             out["webhooks"] = value
             continue
+        if key == "accounts":  # [[accounts]]
+            out["accounts"] = _account_tables(value, path, name)
+            continue
         variable = key.upper()
-        if variable not in VARIABLES:
+        if variable not in VARIABLES or variable == "IMAGE_SYNC_CONFIG":
             raise ConfigError(
-                "--config", f"{path}: unknown key {key!r}{_closest(variable, set(VARIABLES))}"
+                name, f"{path}: unknown key {key!r}{_closest(variable, set(VARIABLES))}"
             )
         out[VARIABLES[variable]] = value
     return out
+
+
+def _account_tables(value: Any, path: Path, name: str) -> list[Any]:
+    """The ``[[accounts]]`` tables; a secret written inline is refused here, before
+    validation, so that no message can echo it."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(name, f"{path}: accounts must be [[accounts]] tables")
+    for index, table in enumerate(value):
+        for key in table:
+            if key in _INLINE_SECRETS:
+                raise ConfigError(
+                    f"accounts[{index}].{key}",
+                    "a secret is never written in the configuration file: name it with "
+                    f"{_INLINE_SECRETS[key]} (the value is not shown)",
+                )
+    return value
+
+
+def _account_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """Fill each ``[[accounts]]`` key pair from the variables or files it names; check
+    that an entry is exactly one kind (key pair from env, from files, role, base)."""
+    entries = []
+    for index, entry in enumerate(settings.accounts):
+        where = f"accounts[{index}]"
+        env_keys = [k for k in ("access_key_env", "secret_key_env", "security_token_env")
+                    if getattr(entry, k) is not None]  # fmt: skip
+        file_keys = [k for k in ("access_key_file", "secret_key_file") if getattr(entry, k)]
+        kinds = [kind for kind, used in (
+            ("access_key_env/secret_key_env", env_keys),
+            ("access_key_file/secret_key_file", file_keys),
+            ("role_jrn", entry.role_jrn is not None),
+        ) if used]  # fmt: skip
+        if len(kinds) > 1:
+            raise ConfigError(f"{where}", f"give only one of {' or '.join(kinds)}")
+        if entry.role_jrn is None and (entry.session_name or "duration_seconds" in (
+            entry.model_fields_set
+        )):  # fmt: skip
+            raise ConfigError(f"{where}.role_jrn", "session_name/duration_seconds need a role_jrn")
+        update: dict[str, Any] = {}
+        if env_keys:
+            for key in ("access_key_env", "secret_key_env"):
+                if getattr(entry, key) is None:
+                    raise ConfigError(f"{where}.{key}", f"required with {env_keys[0]}")
+            for key, target in (
+                ("access_key_env", "access_key"),
+                ("secret_key_env", "secret_key"),
+                ("security_token_env", "security_token"),
+            ):
+                variable = getattr(entry, key)
+                if variable is None:
+                    continue
+                value = environ.get(variable, "").strip()
+                if not value:
+                    raise ConfigError(f"{where}.{key}", f"the variable {variable} is not set")
+                update[target] = value
+        elif file_keys:
+            for key, target in (
+                ("access_key_file", "access_key"),
+                ("secret_key_file", "secret_key"),
+            ):
+                path = getattr(entry, key)
+                if path is None:
+                    raise ConfigError(f"{where}.{key}", f"required with {file_keys[0]}")
+                update[target] = _read_secret_file(f"{where}.{key}", Path(path))
+        for target in ("access_key", "secret_key", "security_token"):
+            found: str | None = update.get(target)
+            if found is None:
+                continue
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in found):
+                named = f"{target}_env" if env_keys else f"{target}_file"
+                raise ConfigError(
+                    f"{where}.{named}", "contains a control character; the value is not shown"
+                )
+            if target != "access_key":
+                update[target] = SecretStr(found)
+        entries.append(entry.model_copy(update=update) if update else entry)
+    return settings.model_copy(update={"accounts": tuple(entries)})
+
+
+def _read_secret_file(where: str, path: Path) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
+        raise ConfigError(where, f"cannot read {path}: {reason}") from None
+    if not value:
+        raise ConfigError(where, f"{path} is empty")
+    return value

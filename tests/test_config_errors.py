@@ -21,6 +21,9 @@ BAD_VALUES: dict[str, str] = {
     "JDCLOUD_SECRET_KEY": "",  # idem, with an access key given
     "JDCLOUD_SECURITY_TOKEN": "",  # blank is allowed: covered by the "accepted" test
     "JDCLOUD_ENDPOINT": "ftp://vm.jdcloud-api.com",
+    "JDCLOUD_STS_ENDPOINT": "sts.jdcloud-api.com",  # no scheme
+    "IMAGE_SYNC_ACCOUNT": "Prod Account",
+    "IMAGE_SYNC_CONFIG": "/nonexistent/image-sync.toml",
     "IMAGE_SYNC_REGIONS": "Not A Region",
     "IMAGE_SYNC_SOURCES": "public,marketplace",
     "IMAGE_SYNC_INTERVAL": "0",
