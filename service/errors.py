@@ -105,4 +105,8 @@ class PermanentApiError(ApiError):
 
 
 class AuthError(ApiError):
-    """401/403: the credentials are wrong or lack permission; fails the whole run."""
+    """401/403: the credentials are wrong or lack permission; fails the account's
+    partitions (the whole run with one account)."""
+
+    signed_with: object | None = None
+    """The credentials the refused request was signed with (never shown)."""

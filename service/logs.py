@@ -26,6 +26,11 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
+    def add(self, secret: str) -> None:
+        """Redact ``secret`` from now on (a session token STS issued while running)."""
+        if secret and len(secret) >= 4 and secret not in self._secrets:
+            self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
+
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")

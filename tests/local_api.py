@@ -21,11 +21,13 @@ async def local_api(
     handler: Handler, routes: Mapping[str, Handler] | None = None
 ) -> AsyncIterator[str]:
     """Serve ``GET /v1/regions/{region}/images`` with ``handler`` (and each of ``routes``,
-    path -> handler, e.g. describeImageMembers); yields the endpoint URL."""
+    path -> handler, e.g. describeImageMembers; ``"POST /path"`` for a POST route);
+    yields the endpoint URL."""
     app = web.Application()
     app.router.add_get("/v1/regions/{region}/images", handler)
     for path, route_handler in (routes or {}).items():
-        app.router.add_get(path, route_handler)
+        method, _, bare = path.rpartition(" ")
+        app.router.add_route(method or "GET", bare, route_handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -60,6 +60,7 @@ from service.errors import (
     TransientApiError,
 )
 from service.jdcloud.signer import encode_query, sign_headers
+from service.jdcloud.sts import RoleCredentials
 from service.metrics import Metrics
 
 USER_AGENT = f"jdcloud-image-sync/{__version__}"
@@ -241,7 +242,7 @@ class ImagesClient:
         session: aiohttp.ClientSession,
         *,
         endpoint: str,
-        credentials: Credentials,
+        credentials: Credentials | RoleCredentials,
         concurrency: int = 16,
         rate_limit: float = 10,
         max_attempts: int = 6,
@@ -272,6 +273,20 @@ class ImagesClient:
         self._max_url_length = max_url_length
         self._metrics = metrics
         self._rng = rng or random.Random()
+
+    def with_credentials(self, credentials: Credentials | RoleCredentials) -> ImagesClient:
+        """A client for another account: the same session, endpoint, settings and global
+        in-flight limit, its own credentials and its own per-region rate windows (the
+        gateway counts each account's calls separately)."""
+        other = ImagesClient.__new__(ImagesClient)
+        for name in (
+            "_session", "_base", "_host", "_path_prefix", "_in_flight", "_rate",
+            "_max_attempts", "_max_url_length", "_metrics", "_rng",
+        ):  # fmt: skip
+            setattr(other, name, getattr(self, name))
+        other._credentials = credentials
+        other._windows = {}
+        return other
 
     # -- public API ------------------------------------------------------------------
 
@@ -459,10 +474,19 @@ class ImagesClient:
         body is decoded by ``parse`` inside the retry loop."""
         call = _Call(region, tail, query, parse, priority)
         attempt = 0
+        renewed = False
         while True:
             attempt += 1
             try:
                 return await self._attempt(call, stats)
+            except AuthError as exc:
+                # A role's temporary credentials refused (expired or revoked early):
+                # renew once and retry once; a second refusal is the account's failure.
+                role = self._credentials
+                if renewed or exc.http_status != 401 or not isinstance(role, RoleCredentials):
+                    raise
+                renewed = True
+                await role.renew_after_refusal(exc.signed_with)
             except TransientApiError as exc:
                 if attempt >= self._max_attempts:
                     raise
@@ -483,7 +507,8 @@ class ImagesClient:
         async with self._slot(region, call.priority) as admission:
             # Signed only now, when the request leaves: however long it queued for the
             # rate window or a global slot, x-jdcloud-date is within the gateway's skew.
-            headers = self._signed_headers(self._path(region, tail), region, query)
+            creds = await self._signing_credentials()
+            headers = self._signed_headers(creds, self._path(region, tail), region, query)
             stats.requests += 1
             try:
                 async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
@@ -512,21 +537,30 @@ class ImagesClient:
             # (MalformedResponse, transient) is retried like any other.
             try:
                 return call.parse(body, region)
-            except _ErrorInBody as error:
-                raise self._classify(
-                    error.code,
-                    error.status,
-                    error.message,
+            except _ErrorInBody as in_body:
+                error = self._classify(
+                    in_body.code,
+                    in_body.status,
+                    in_body.message,
                     region=region,
-                    request_id=error.request_id or request_id,
+                    request_id=in_body.request_id or request_id,
                     retry_after=retry_after,
                     stats=stats,
-                ) from None
-        raise self._error(status, body, region, retry_after, request_id, stats)
+                )
+        else:
+            error = self._error(status, body, region, retry_after, request_id, stats)
+        if isinstance(error, AuthError):
+            error.signed_with = creds  # which credentials were refused (a role renews)
+        raise error
 
-    def _signed_headers(self, path: str, region: str, query: str) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+    async def _signing_credentials(self) -> Credentials:
         creds = self._credentials
+        return await creds.get() if isinstance(creds, RoleCredentials) else creds
+
+    def _signed_headers(
+        self, creds: Credentials, path: str, region: str, query: str
+    ) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
         headers.update(
             sign_headers(
                 method="GET",
