@@ -33,7 +33,7 @@ import random
 import string
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -169,6 +169,8 @@ class ListingQuery:
     status: str | None = None
     architecture: str | None = None
     boot_mode: str | None = None
+    owner_pin: str | None = None
+    """Only images of this owner (a private listing shows the caller's own images)."""
 
     def normalised(self) -> ListingQuery:
         offline = (self.offline or False) if self.source in OFFLINE_SOURCES else None
@@ -184,6 +186,7 @@ class ListingQuery:
             self.status,
             self.architecture,
             self.boot_mode,
+            self.owner_pin if self.source == "private" else None,
         )
 
 
@@ -201,6 +204,7 @@ class _Entry:
     status: str
     architecture: str
     boot_mode: str
+    owner_pin: str
     encoded: bytes
 
     @classmethod
@@ -217,6 +221,7 @@ class _Entry:
             status=image.get("status", ""),
             architecture=image.get("architecture", ""),
             boot_mode=image.get("bootMode", ""),
+            owner_pin=image.get("ownerPin", ""),
             encoded=_dumps(image),
         )
 
@@ -235,6 +240,7 @@ class _Entry:
             and (query.status is None or self.status == query.status)
             and (query.architecture is None or self.architecture == query.architecture)
             and (query.boot_mode is None or self.boot_mode == query.boot_mode)
+            and (query.owner_pin is None or self.owner_pin == query.owner_pin)
         )
 
 
@@ -310,6 +316,11 @@ class Catalogue:
         # Members and constraints, keyed by (region, image id); drawn from their own RNG.
         self._extras_rng = random.Random(f"extras-{seed}")
         self._members: dict[tuple[str, str], list[str]] = {}
+        self.first_pin = OWNER_PIN
+        """The PIN whose listings are served when no viewer is named (the first account)."""
+        self._shared_cache: dict[
+            tuple[str, ListingQuery, str], tuple[tuple[int, int], list[_Entry]]
+        ] = {}
         self._constraints: dict[tuple[str, str], dict[str, Any]] = {}
         counts = _apportion(images, {key: skew.get(key, 1.0) for key in self._partitions})
         for (region, source), count in counts.items():
@@ -356,11 +367,29 @@ class Catalogue:
         """The source (partition) of an image, or None when the region has no such image."""
         return self._source_of.get((region, image_id))
 
-    def members(self, region: str, image_id: str) -> list[str]:
-        """The pins a private image is shared with (describeImageMembers), sorted."""
-        if self._source(region, image_id) != "private":
-            raise CatalogueError(f"image {image_id} is not a private image of {OWNER_PIN}")
+    def members(self, region: str, image_id: str, viewer: str | None = None) -> list[str]:
+        """The pins a private image is shared with (describeImageMembers), sorted; with
+        ``viewer``, only for an image that PIN owns."""
+        if self._source(region, image_id) != "private" or (
+            viewer is not None and self._owner(region, image_id) != viewer
+        ):
+            raise CatalogueError(
+                f"image {image_id} is not a private image of {viewer or 'its owner'}"
+            )
         return list(self._members.get((region, image_id), ()))
+
+    def visible(self, region: str, image_id: str, viewer: str) -> bool:
+        """Whether ``viewer`` (a PIN) can see the image: catalogue images always, private
+        ones when it owns them or they are shared with it, the seeded shared ones for
+        the simulator's first account."""
+        source = self._source_of.get((region, image_id))
+        if source == "private":
+            return self._owner(region, image_id) == viewer or viewer in self._members.get(
+                (region, image_id), ()
+            )
+        if source == "shared":
+            return viewer == self.first_pin
+        return source is not None
 
     def constraint(self, region: str, image_id: str) -> dict[str, Any] | None:
         """The image's instance-type constraint, or None (describeImageConstraints)."""
@@ -403,36 +432,95 @@ class Catalogue:
             self._members[key] = sorted(members)
         else:
             self._members.pop(key, None)
+        self._partitions[region, "private"].changed()  # the members' shared listings
         image = self.get(region, image_id)
         if image is not None and image.get("launchPermission") != permission:
             self.modify(region, image_id, launchPermission=permission)
         return sorted(members)
 
     def list_page(
-        self, region: str, query: ListingQuery, *, page_number: int, page_size: int
+        self,
+        region: str,
+        query: ListingQuery,
+        *,
+        page_number: int,
+        page_size: int,
+        viewer: str | None = None,
     ) -> tuple[bytes, int]:
-        """One page of a listing: (JSON array of images, totalCount of the listing)."""
+        """One page of a listing as ``viewer`` (a PIN; default the first account's) sees
+        it: (JSON array of images, totalCount of the listing). A private listing has the
+        viewer's own images; a shared listing the private images of others shared with it
+        (as ``imageSource`` ``shared``), and for the first account the seeded shared ones."""
         if region not in self.regions:
             raise CatalogueError(f"unknown region {region!r}")
+        viewer = viewer or self.first_pin
+        if query.source == "private":
+            query = replace(query, owner_pin=viewer)
         query = query.normalised()
         partition = self._partitions.get((region, query.source))
         if partition is None:  # a valid source this catalogue does not simulate
             return b"[]", 0
-        listing = partition.listing(query)
+        listing = (
+            self._shared_listing(region, query, viewer)
+            if query.source == "shared"
+            else partition.listing(query)
+        )
         start = (page_number - 1) * page_size
         return _json_array(listing[start : start + page_size]), len(listing)
 
+    def _shared_listing(self, region: str, query: ListingQuery, viewer: str) -> list[_Entry]:
+        shared, private = (
+            self._partitions[region, "shared"],
+            self._partitions.get((region, "private")),
+        )
+        versions = (shared.version, private.version if private else -1)
+        key = (region, query, viewer)
+        cached = self._shared_cache.get(key)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        listing = list(shared.listing(query)) if viewer == self.first_pin else []
+        if private is not None:
+            for image_id, entry in private.entries.items():
+                if entry.owner_pin != viewer and viewer in self._members.get(
+                    (region, image_id), ()
+                ):
+                    as_shared = self._as_shared(entry)
+                    if as_shared.matches(query):
+                        listing.append(as_shared)
+        listing.sort(key=_Entry.sort_key, reverse=True)
+        if len(self._shared_cache) > 4 * _LISTINGS_PER_PARTITION:
+            self._shared_cache.clear()
+        self._shared_cache[key] = (versions, listing)
+        return listing
+
+    @staticmethod
+    def _as_shared(entry: _Entry) -> _Entry:
+        image = orjson.loads(entry.encoded)
+        image["imageSource"] = "shared"
+        return _Entry.of(image)
+
     def list_ids(
-        self, region: str, ids: Iterable[str], *, page_number: int, page_size: int
+        self,
+        region: str,
+        ids: Iterable[str],
+        *,
+        page_number: int,
+        page_size: int,
+        viewer: str | None = None,
     ) -> tuple[bytes, int]:
-        """A page of the images with these ids in the region, any source, served order."""
+        """A page of the images with these ids in the region that ``viewer`` can see
+        (:meth:`visible`), any source, served order."""
         if region not in self.regions:
             raise CatalogueError(f"unknown region {region!r}")
+        viewer = viewer or self.first_pin
         found: list[_Entry] = []
         for image_id in dict.fromkeys(ids):
             source = self._source_of.get((region, image_id))
-            if source is not None:
-                found.append(self._partitions[region, source].entries[image_id])
+            if source is not None and self.visible(region, image_id, viewer):
+                entry = self._partitions[region, source].entries[image_id]
+                if source == "private" and entry.owner_pin != viewer:
+                    entry = self._as_shared(entry)
+                found.append(entry)
         found.sort(key=_Entry.sort_key, reverse=True)
         start = (page_number - 1) * page_size
         return _json_array(found[start : start + page_size]), len(found)
@@ -508,6 +596,10 @@ class Catalogue:
         if partition is None:
             raise CatalogueError(f"unknown partition {region}/{source}")
         return partition
+
+    def _owner(self, region: str, image_id: str) -> str:
+        source = self._source(region, image_id)
+        return self._partitions[region, source].entries[image_id].owner_pin
 
     def _source(self, region: str, image_id: str) -> str:
         source = self._source_of.get((region, image_id))

@@ -52,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="relative weight of a partition (default 1 each); repeatable. "
         "cn-north-1/private=13 puts ~40%% of the images there with the default partitions",
     )
+    parser.add_argument(
+        "--sts-lifetime",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="lifetime of the temporary credentials STS assumeRole issues (default 3600); "
+        "accounts and roles are added through the admin operations",
+    )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API call")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="latency +- uniform jitter")
     parser.add_argument(
@@ -115,6 +123,8 @@ def faults_from_args(args: argparse.Namespace) -> FaultConfig:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; 0 on a clean stop, 2 on bad options."""
     try:
+        if not 0 < args.sts_lifetime <= 86400:
+            raise ValueError(f"--sts-lifetime must be within (0, 86400], got {args.sts_lifetime}")
         faults = faults_from_args(args)
         catalogue = Catalogue(seed=args.seed, images=args.images, **_catalogue_options(args))
     except ValueError as exc:
@@ -157,6 +167,7 @@ async def _serve(
         faults=faults,
         access_key=access_key,
         secret_key=secret_key,
+        sts_lifetime=args.sts_lifetime,
     ) as simulator:
         print(
             f"describeImages simulator at {simulator.url} "

@@ -54,13 +54,27 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, verify_request
-from service.simulator.catalogue import SOURCES, Catalogue, CatalogueError, ListingQuery
+from service.jdcloud.signer import (
+    DEMO_ACCESS_KEY,
+    DEMO_SECRET_KEY,
+    HEADER_DATE,
+    HEADER_SECURITY_TOKEN,
+    verify_request,
+)
+from service.simulator.accounts import DEFAULT_STS_LIFETIME, Accounts, SimAccount
+from service.simulator.catalogue import (
+    OWNER_PIN,
+    SOURCES,
+    Catalogue,
+    CatalogueError,
+    ListingQuery,
+)
 from service.simulator.faults import STATUS_CODES, Fault, FaultConfig, Faults
 
 __all__ = [
@@ -100,12 +114,14 @@ class _ApiError(Exception):
 
 @dataclass(slots=True)
 class SimulatorState:
-    """What one simulator application owns: catalogue, faults, credentials, request log."""
+    """What one simulator application owns: catalogue, faults, accounts, request log.
+    ``access_key``/``secret_key`` are the first account's pair."""
 
     catalogue: Catalogue
     faults: Faults
     access_key: str
     secret_key: str = field(repr=False)
+    accounts: Accounts = field(default_factory=Accounts)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DEFAULT_LOG_SIZE))
     counters: Counter[str] = field(default_factory=Counter)
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -125,7 +141,8 @@ class SimulatorState:
         )
 
     def secret_for(self, access_key: str) -> str | None:
-        return self.secret_key if access_key == self.access_key else None
+        caller = self.accounts.caller(access_key)
+        return caller.secret_key if caller is not None else None
 
 
 STATE: web.AppKey[SimulatorState] = web.AppKey("simulator_state", SimulatorState)
@@ -138,18 +155,26 @@ def build_app(
     secret_key: str = DEMO_SECRET_KEY,
     faults: Faults | FaultConfig | Mapping[str, Any] | None = None,
     request_log_size: int = DEFAULT_LOG_SIZE,
+    sts_lifetime: float = DEFAULT_STS_LIFETIME,
 ) -> web.Application:
-    """An aiohttp application serving ``catalogue`` as describeImages."""
+    """An aiohttp application serving ``catalogue`` as describeImages (and STS). Its first
+    account (``demo``, PIN ``demo-user``) signs with ``access_key``/``secret_key``; more
+    are added through ``state.accounts`` or ``POST /__simulator__/accounts``."""
     if not isinstance(faults, Faults):
         faults = Faults(faults)
+    accounts = Accounts(sts_lifetime=sts_lifetime)
+    accounts.add("demo", pin=OWNER_PIN, access_key=access_key, secret_key=secret_key)
+    catalogue.first_pin = OWNER_PIN
     app = web.Application()
     app[STATE] = SimulatorState(
         catalogue=catalogue,
         faults=faults,
         access_key=access_key,
         secret_key=secret_key,
+        accounts=accounts,
         requests=deque(maxlen=request_log_size),
     )
+    app.router.add_post("/v1/sessionToken:assumeRole", assume_role)
     app.router.add_get("/v1/regions/{regionId}/images", describe_images)
     app.router.add_get("/v1/regions/{regionId}/images/{imageId}", describe_image)
     app.router.add_get("/v1/regions/{regionId}/images/{imageId}/members", describe_image_members)
@@ -167,6 +192,12 @@ def build_app(
     app.router.add_get(f"{ADMIN_PREFIX}/stats", get_stats)
     app.router.add_get(f"{ADMIN_PREFIX}/changes", get_changes)
     app.router.add_get(f"{ADMIN_PREFIX}/catalogue", get_catalogue)
+    app.router.add_get(f"{ADMIN_PREFIX}/accounts", get_accounts)
+    app.router.add_post(f"{ADMIN_PREFIX}/accounts", add_account)
+    app.router.add_post(f"{ADMIN_PREFIX}/accounts/{{name}}/refuse", refuse_account)
+    app.router.add_post(f"{ADMIN_PREFIX}/roles", add_role)
+    app.router.add_put(f"{ADMIN_PREFIX}/sts", put_sts)
+    app.router.add_post(f"{ADMIN_PREFIX}/sts/expire", expire_sessions)
     # The index lists whatever admin routes are registered above (added last, before the
     # catch-all, so it sees them all).
     app.router.add_get(f"{ADMIN_PREFIX}/", admin_index)
@@ -210,10 +241,51 @@ async def _admitted(
         body=body,
         secret_for=state.secret_for,
     )
+    if reason is None:
+        reason = _refusal(state, request, entry)
     if reason is not None:
         failed = _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
         return state, entry, request_id, failed
     return state, entry, request_id, None
+
+
+CALLER: web.RequestKey[SimAccount] = web.RequestKey("simulator_caller", SimAccount)
+"""``request[CALLER]``: the :class:`SimAccount` a validly signed request acts as."""
+
+
+def _refusal(state: SimulatorState, request: web.Request, entry: dict[str, Any]) -> str | None:
+    """After a valid signature: the account it acts as (``request[CALLER]``), or why the
+    credentials are refused anyway (disabled key pair, expired role session)."""
+    access_key = _access_key(request.headers.get("Authorization", ""))
+    caller = state.accounts.caller(access_key)
+    assert caller is not None  # the signature was checked against its secret
+    now = time.time()
+    if caller.expires_at is not None and _signed_at(request) >= caller.expires_at:
+        state.counters["sts:signed_expired"] += 1
+    reason = state.accounts.refusal(caller, request.headers.get(HEADER_SECURITY_TOKEN), now)
+    if reason is not None:
+        state.counters["refused:" + caller.account.name] += 1
+        return reason
+    entry["account"] = caller.account.name
+    request[CALLER] = caller.account
+    return None
+
+
+def _access_key(authorization: str) -> str:
+    credential = authorization.partition("Credential=")[2]
+    return credential.partition("/")[0]
+
+
+def _signed_at(request: web.Request) -> float:
+    stamp = request.headers.get(HEADER_DATE, "")
+    try:
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _viewer(request: web.Request) -> str:
+    return request[CALLER].pin
 
 
 def _decide_fault(
@@ -249,14 +321,14 @@ async def describe_images(request: web.Request) -> web.StreamResponse:
             raise _ApiError("INVALID_ARGUMENT", f"Invalid parameter regionId: {region}")
         if ids:
             images, total = state.catalogue.list_ids(
-                region, ids, page_number=page_number, page_size=page_size
+                region, ids, page_number=page_number, page_size=page_size, viewer=_viewer(request)
             )
         else:
             query = _listing_query(params)
             if state.faults.should_drift():
                 _drift(state, region, query)
             images, total = state.catalogue.list_page(
-                region, query, page_number=page_number, page_size=page_size
+                region, query, page_number=page_number, page_size=page_size, viewer=_viewer(request)
             )
     except _ApiError as error:
         return await _refuse(request, entry, request_id, error, fault)
@@ -352,7 +424,7 @@ async def describe_image_members(request: web.Request) -> web.StreamResponse:
 
     def answer(state: SimulatorState, region: str) -> dict[str, Any]:
         _image_of(state, region, image_id)
-        return {"pins": state.catalogue.members(region, image_id)}
+        return {"pins": state.catalogue.members(region, image_id, _viewer(request))}
 
     return await _image_api(request, "describeImageMembers", answer)
 
@@ -710,6 +782,153 @@ async def get_stats(request: web.Request) -> web.Response:
     )
 
 
+# --- STS and accounts ---------------------------------------------------------------------
+
+
+async def assume_role(request: web.Request) -> web.Response:
+    """STS ``POST /v1/sessionToken:assumeRole``: temporary credentials of a role."""
+    state = request.app[STATE]
+    request_id = os.urandom(16).hex()
+    entry: dict[str, Any] = {
+        "time": time.time(),
+        "region": "jdcloud-api",
+        "path": request.rel_url.raw_path,
+        "query": "",
+        "status": None,
+        "fault": None,
+    }
+    state.requests.append(entry)
+    state.counters["sts:assumeRole"] += 1
+    body = await request.read()
+    reason = verify_request(
+        method=request.method,
+        host=request.host,
+        path=request.rel_url.raw_path,
+        query=request.rel_url.raw_query_string,
+        headers=request.headers,
+        body=body,
+        secret_for=state.secret_for,
+    )
+    if reason is None and "/jdcloud-api/sts/" not in request.headers.get("Authorization", ""):
+        reason = "STS requests are signed for region jdcloud-api and service sts"
+    if reason is None:
+        reason = _refusal(state, request, entry)
+    if reason is not None:
+        return _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
+    caller = state.accounts.caller(_access_key(request.headers["Authorization"]))
+    assert caller is not None
+    try:
+        info = orjson.loads(body)["assumeRoleInfo"]
+        jrn, name = info["roleJrn"], info["roleSessionName"]
+        duration = info.get("durationSeconds")
+        if not isinstance(jrn, str) or not isinstance(name, str):
+            raise TypeError
+        if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
+            raise TypeError
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return _error(entry, request_id, "INVALID_ARGUMENT", "Invalid parameter assumeRoleInfo")
+    try:
+        credentials = state.accounts.assume_role(caller, jrn, name, duration)
+    except PermissionError as exc:
+        return _error(entry, request_id, "HTTP_FORBIDDEN", f"Forbidden: {exc}")
+    except LookupError as exc:
+        return _error(entry, request_id, "NOT_FOUND", str(exc))
+    except ValueError as exc:
+        return _error(entry, request_id, "INVALID_ARGUMENT", str(exc))
+    entry["status"] = 200
+    entry["account"] = caller.account.name
+    return _json(
+        orjson.dumps(
+            {
+                "requestId": request_id,
+                "result": {
+                    "credentials": credentials,
+                    "assumedRoleUser": {"assumedRoleId": jrn, "arn": f"{jrn}/{name}"},
+                },
+            }
+        ),
+        request_id,
+    )
+
+
+async def get_accounts(request: web.Request) -> web.Response:
+    """The accounts (name, pin, access key, refused), roles and STS settings; no secret."""
+    accounts = request.app[STATE].accounts
+    return _admin_json(
+        {
+            "accounts": [
+                {"name": a.name, "pin": a.pin, "access_key": a.access_key, "refused": a.refused}
+                for a in accounts.all()
+            ],
+            "roles": [
+                {"jrn": r.jrn, "account": r.account, "trusts": sorted(r.trusts)}
+                for r in accounts.roles()
+            ],
+            "sts_lifetime": accounts.sts_lifetime,
+            "assume_role_calls": accounts.assume_role_calls,
+        }
+    )
+
+
+async def add_account(request: web.Request) -> web.Response:
+    """Add an account: {"name", "pin", "access_key", "secret_key"}."""
+    body = await _json_body(request)
+    accounts = request.app[STATE].accounts
+    return _admin_change(
+        lambda: {
+            "name": accounts.add(
+                body["name"],
+                pin=body["pin"],
+                access_key=body["access_key"],
+                secret_key=body["secret_key"],
+            ).name
+        }
+    )
+
+
+async def refuse_account(request: web.Request) -> web.Response:
+    """Refuse (body {"refused": true}, the default) or accept again an account's keys."""
+    body = await _json_body(request)
+    accounts = request.app[STATE].accounts
+    name = request.match_info["name"]
+
+    def change() -> dict[str, Any]:
+        refused = bool(body.get("refused", True))
+        accounts.refuse(name, refused)
+        return {"name": name, "refused": refused}
+
+    return _admin_change(change)
+
+
+async def add_role(request: web.Request) -> web.Response:
+    """Add a role: {"account", "name", "trusts": [account names]}; answers its jrn."""
+    body = await _json_body(request)
+    accounts = request.app[STATE].accounts
+    return _admin_change(
+        lambda: {"jrn": accounts.add_role(body["account"], body["name"], trusts=body["trusts"]).jrn}
+    )
+
+
+async def put_sts(request: web.Request) -> web.Response:
+    """Set the lifetime of temporary credentials issued from now: {"lifetime": seconds}."""
+    body = await _json_body(request)
+    accounts = request.app[STATE].accounts
+
+    def change() -> dict[str, Any]:
+        lifetime = float(body["lifetime"])
+        if not 0 < lifetime <= 86400:
+            raise ValueError("lifetime must be within (0, 86400] seconds")
+        accounts.sts_lifetime = lifetime
+        return {"sts_lifetime": lifetime}
+
+    return _admin_change(change)
+
+
+async def expire_sessions(request: web.Request) -> web.Response:
+    """End every role session now (their next request is 401): {"expired": n}."""
+    return _admin_json({"expired": request.app[STATE].accounts.expire_sessions()})
+
+
 # --- running it ----------------------------------------------------------------------------
 
 
@@ -756,6 +975,7 @@ async def running_simulator(
     faults: Faults | FaultConfig | Mapping[str, Any] | None = None,
     access_key: str = DEMO_ACCESS_KEY,
     secret_key: str = DEMO_SECRET_KEY,
+    sts_lifetime: float = DEFAULT_STS_LIFETIME,
     **catalogue_options: Any,
 ) -> AsyncIterator[Simulator]:
     """Serve a simulator in the current event loop for the duration of the block.
@@ -767,7 +987,13 @@ async def running_simulator(
         catalogue = Catalogue(seed=seed, images=images, **catalogue_options)
     elif catalogue_options:
         raise TypeError("catalogue options given together with a catalogue")
-    app = build_app(catalogue, access_key=access_key, secret_key=secret_key, faults=faults)
+    app = build_app(
+        catalogue,
+        access_key=access_key,
+        secret_key=secret_key,
+        faults=faults,
+        sts_lifetime=sts_lifetime,
+    )
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
