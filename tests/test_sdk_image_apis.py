@@ -7,9 +7,6 @@ a background thread, changed through its admin endpoints and read after the call
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +35,7 @@ from jdcloud_sdk.services.vm.client.VmClient import VmClient
 
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.simulator import Simulator, simulator_in_thread
+from tests.sim_admin import admin
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:datetime.datetime.utcfromtimestamp:DeprecationWarning"
@@ -55,20 +53,6 @@ def send(sim: Simulator, request: JDCloudRequest) -> Any:
     config = Config(sim.endpoint, scheme="http", timeout=10)
     client = VmClient(Credential(DEMO_ACCESS_KEY, DEMO_SECRET_KEY), config, Logger(0))
     return client.send(request)
-
-
-def admin(sim: Simulator, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{sim.url}/__simulator__/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def members(sim: Simulator, image_id: str) -> Any:

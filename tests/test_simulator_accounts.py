@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +34,7 @@ from service.jdcloud.client import ImagesClient
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.jdcloud.sts import RoleCredentials, StsClient
 from service.simulator import Catalogue, Simulator, running_simulator, simulator_in_thread
+from tests.sim_admin import admin_ok
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:datetime.datetime.utcfromtimestamp:DeprecationWarning"
@@ -44,33 +44,22 @@ B = {"name": "team-b", "pin": "pin-team-b", "access_key": "AKTEAMB000", "secret_
 C = {"name": "team-c", "pin": "pin-team-c", "access_key": "AKTEAMC000", "secret_key": "SK-c-secret"}
 
 
-def admin(sim: Simulator, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{sim.url}/__simulator__/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
 def _setup(sim: Simulator) -> dict[str, Any]:
     """Accounts B and C besides the demo account; one private image each, B's shared
     with C; a role of C trusting the demo (base) account. Through the admin operations
     (the objects belong to the simulator's thread)."""
     for spec in (B, C):
-        admin(sim, "POST", "accounts", spec)
+        admin_ok(sim, "POST", "accounts", spec)
     made = {}
     for key, spec in (("b", B), ("c", C)):
         fields = {"ownerPin": spec["pin"], "launchPermission": "ownerOnly"}
-        added = admin(sim, "POST", "catalogue/add",
+        added = admin_ok(sim, "POST", "catalogue/add",
                       {"region": REGION, "source": "private", "fields": fields})  # fmt: skip
         made[key] = added["image"]["imageId"]
-    admin(
+    admin_ok(
         sim, "POST", "shares/share", {"region": REGION, "image_id": made["b"], "pins": [C["pin"]]}
     )
-    role = admin(sim, "POST", "roles", {"account": "team-c", "name": "image-reader",
+    role = admin_ok(sim, "POST", "roles", {"account": "team-c", "name": "image-reader",
                                         "trusts": ["demo"]})  # fmt: skip
     return {**made, "role": role["jrn"]}
 
@@ -176,7 +165,7 @@ async def test_a_refused_key_pair_is_401_for_that_account_only() -> None:
     catalogue = Catalogue(seed=5, images=100, regions=[REGION])
     async with running_simulator(catalogue) as sim, aiohttp.ClientSession() as s:
         ids = await asyncio.to_thread(_setup, sim)
-        await asyncio.to_thread(admin, sim, "POST", "accounts/team-b/refuse", {})
+        await asyncio.to_thread(admin_ok, sim, "POST", "accounts/team-b/refuse", {})
         as_b = ImagesClient(
             s, endpoint=sim.url, credentials=Credentials(B["access_key"], B["secret_key"])
         )
@@ -186,7 +175,7 @@ async def test_a_refused_key_pair_is_401_for_that_account_only() -> None:
         assert caught.value.status == "UNAUTHENTICATED"
         page = await as_demo.describe_images(REGION, image_source="private")
         assert ids["b"] not in {image["imageId"] for image in page.images}
-        listed = await asyncio.to_thread(admin, sim, "GET", "accounts")
+        listed = await asyncio.to_thread(admin_ok, sim, "GET", "accounts")
         assert {a["name"]: a["refused"] for a in listed["accounts"]} == {
             "demo": False, "team-b": True, "team-c": False,
         }  # fmt: skip

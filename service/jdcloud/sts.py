@@ -194,7 +194,9 @@ def _parse_credentials(data: dict[str, object] | None, where: str) -> TemporaryC
         raise TransientApiError(f"{where}: no result.credentials in the answer", status="MALFORMED")
     fields = [creds.get(name) for name in ("accessKey", "secretKey", "sessionToken", "expiration")]
     if not all(isinstance(value, str) and value for value in fields):
-        raise TransientApiError(f"{where}: incomplete credentials in the answer", status="MALFORMED")
+        raise TransientApiError(
+            f"{where}: incomplete credentials in the answer", status="MALFORMED"
+        )
     access_key, secret_key, token, expiration = (str(value) for value in fields)
     try:
         expires = datetime.strptime(expiration, EXPIRATION_FORMAT).replace(tzinfo=BEIJING)

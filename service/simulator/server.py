@@ -231,22 +231,30 @@ async def _admitted(
     if latency:
         await asyncio.sleep(latency)
 
-    body = await request.read()
+    reason = await _authenticate(state, request, entry)
+    if reason is not None:
+        failed = _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
+        return state, entry, request_id, failed
+    return state, entry, request_id, None
+
+
+async def _authenticate(
+    state: SimulatorState, request: web.Request, entry: dict[str, Any], service: str | None = None
+) -> str | None:
+    """Why the request's signature or credentials are refused (401), or None; ``service``
+    is the signing scope's service when one is required (``sts``)."""
     reason = verify_request(
         method=request.method,
         host=request.host,
         path=request.rel_url.raw_path,
         query=request.rel_url.raw_query_string,
         headers=request.headers,
-        body=body,
+        body=await request.read(),
         secret_for=state.secret_for,
     )
-    if reason is None:
-        reason = _refusal(state, request, entry)
-    if reason is not None:
-        failed = _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
-        return state, entry, request_id, failed
-    return state, entry, request_id, None
+    if reason is None and service and f"/{service}/" not in request.headers["Authorization"]:
+        reason = f"these requests are signed for service {service}"
+    return reason if reason is not None else _refusal(state, request, entry)
 
 
 CALLER: web.RequestKey[SimAccount] = web.RequestKey("simulator_caller", SimAccount)
@@ -800,19 +808,7 @@ async def assume_role(request: web.Request) -> web.Response:
     state.requests.append(entry)
     state.counters["sts:assumeRole"] += 1
     body = await request.read()
-    reason = verify_request(
-        method=request.method,
-        host=request.host,
-        path=request.rel_url.raw_path,
-        query=request.rel_url.raw_query_string,
-        headers=request.headers,
-        body=body,
-        secret_for=state.secret_for,
-    )
-    if reason is None and "/jdcloud-api/sts/" not in request.headers.get("Authorization", ""):
-        reason = "STS requests are signed for region jdcloud-api and service sts"
-    if reason is None:
-        reason = _refusal(state, request, entry)
+    reason = await _authenticate(state, request, entry, service="sts")
     if reason is not None:
         return _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
     caller = state.accounts.caller(_access_key(request.headers["Authorization"]))
