@@ -292,6 +292,8 @@ class MergeCounts:
     came_online: int = 0
     removed: int = 0
     reappeared: int = 0
+    access_granted: int = 0
+    access_revoked: int = 0
 
     def events(self) -> dict[str, int]:
         """Events written, by type."""

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import migrations
 from service.errors import DatabaseError, SchemaNotCurrent
+from service.store.engine import describe_error
 from service.store.tables import SCHEMA
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
@@ -70,7 +71,13 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
                     f"runs `CREATE ROLE {READER_ROLE} NOLOGIN` once, then `image-sync migrate` "
                     "again (docs/operations.md, Database and roles)"
                 )
-    await _run(engine, "upgrade", revision)
+    try:
+        await _run(engine, "upgrade", revision)
+    except sa.exc.DBAPIError as exc:
+        # A failed migration rolls back as a whole (one transaction): say why in one line.
+        raise DatabaseError(
+            f"the migration failed and changed nothing: {describe_error(exc, str(engine.url))}"
+        ) from None
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:

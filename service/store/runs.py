@@ -51,6 +51,8 @@ class PartitionRecord:
     invalid_items: int = 0
     error_status: str | None = None
     error_message: str | None = None
+    account: str | None = None
+    """The account of an account partition; None for a catalogue partition."""
 
 
 async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:

@@ -40,7 +40,18 @@ metadata = MetaData(
     },
 )
 
-EVENT_TYPES = ("created", "updated", "went_offline", "came_online", "removed", "reappeared")
+EVENT_TYPES = (
+    "created",
+    "updated",
+    "went_offline",
+    "came_online",
+    "removed",
+    "reappeared",
+    "access_granted",
+    "access_revoked",
+)
+ACCESS_SOURCES = ("private", "shared")
+"""Sources whose images an account sees as its own or shared with it (image_access)."""
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
 PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
 
@@ -67,7 +78,9 @@ images = Table(
         "image_source",
         Text,
         nullable=False,
-        comment="Listing the image was found in: public, thirdparty, private, shared, community.",
+        comment="Listing the image was found in: public, thirdparty, private, shared, "
+        "community. An image seen through accounts is private while a configured account "
+        "lists it as private, else shared.",
     ),
     Column("name", Text, comment="API name."),
     Column("platform", Text, comment="API platform: Ubuntu, CentOS, Windows Server, ..."),
@@ -202,6 +215,8 @@ sync_runs = Table(
     _count("came_online", "came_online events."),
     _count("removed", "removed events."),
     _count("reappeared", "reappeared events."),
+    _count("access_granted", "access_granted events (an account gained an existing image)."),
+    _count("access_revoked", "access_revoked events (an account lost an image another lists)."),
     Column("error_message", Text, comment="Why the run failed, when it did."),
     PrimaryKeyConstraint("run_id"),
     CheckConstraint(_in("status", RUN_STATUSES), name="status"),
@@ -236,16 +251,34 @@ sync_partitions = Table(
     _count("came_online", "came_online events."),
     _count("removed", "removed events."),
     _count("reappeared", "reappeared events."),
+    _count("access_granted", "access_granted events (an account gained an existing image)."),
+    _count("access_revoked", "access_revoked events (an account lost an image another lists)."),
     _count("invalid_items", "API items rejected at validation (missing imageId, wrong types)."),
     Column(
         "error_status", Text, comment="API error.status (e.g. QUOTA_EXCEEDED) or an internal kind."
     ),
     Column("error_message", Text, comment="Why the partition failed or was incomplete."),
-    PrimaryKeyConstraint("run_id", "region_id", "image_source"),
+    Column(
+        "account",
+        Text,
+        comment="The account of an account partition (private, shared); null for a "
+        "catalogue partition (public, thirdparty, community).",
+    ),
     ForeignKeyConstraint(["run_id"], ["inventory.sync_runs.run_id"], ondelete="CASCADE"),
     CheckConstraint(_in("status", PARTITION_STATUSES), name="status"),
     Index(None, "region_id", "image_source", "finished_at"),
-    comment="Outcome of each (region, source) partition in each run; freshness lives here.",
+    # One row per partition identity (account, region, source) and run; the account is
+    # null for catalogue partitions, hence an index on an expression, not a primary key.
+    Index(
+        "uq_sync_partitions_identity",
+        "run_id",
+        "region_id",
+        "image_source",
+        text("coalesce(account, '')"),
+        unique=True,
+    ),
+    comment="Outcome of each partition (account, region, source) in each run; freshness "
+    "lives here.",
 )
 
 image_events = Table(
@@ -267,7 +300,9 @@ image_events = Table(
         "event_type",
         Text,
         nullable=False,
-        comment="created, updated, went_offline, came_online, removed, reappeared.",
+        comment="created, updated, went_offline, came_online, removed, reappeared, "
+        "access_granted (an account lists an image another account already listed), "
+        "access_revoked (an account's complete listing lost an image another still lists).",
     ),
     Column(
         "changed_fields",
@@ -299,6 +334,11 @@ image_events = Table(
         comment="True for events of the first successful sync of the partition (the initial "
         "load: the image existed before the service watched it); false otherwise.",
     ),
+    Column(
+        "account",
+        Text,
+        comment="The account whose listing produced the event; null for catalogue partitions.",
+    ),
     Index(None, "region_id", "image_id", "event_id"),
     Index(None, "occurred_at"),
     Index(None, "sync_run_id"),
@@ -320,9 +360,84 @@ partitions = Table(
     _tz("first_configured_at", "When a start first had the partition configured.", nullable=False),
     _tz("last_configured_at", "When a start last had the partition configured.", nullable=False),
     _tz("unconfigured_at", "When a start last left the partition out; null while configured."),
-    PrimaryKeyConstraint("region_id", "image_source"),
-    comment="Registry of configured partitions, written when `image-sync run` or a "
-    "`sync --once` without --region/--source starts; health views show these.",
+    Column(
+        "account",
+        Text,
+        comment="The account of an account partition; null for a catalogue partition.",
+    ),
+    Index(
+        "uq_partitions_identity",
+        "region_id",
+        "image_source",
+        text("coalesce(account, '')"),
+        unique=True,
+    ),
+    comment="Registry of configured partitions (account, region, source), written when "
+    "`image-sync run` or a `sync --once` without --region/--source starts; health views "
+    "show these.",
+)
+
+# -- accounts (migration 0006) -----------------------------------------------------------
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column(
+        "account",
+        Text,
+        nullable=False,
+        comment="The account's name, as the configuration gives it ([[accounts]] name, or "
+        "IMAGE_SYNC_ACCOUNT).",
+    ),
+    Column("role_jrn", Text, comment="The STS role assumed for it; null for a key pair."),
+    Column(
+        "regions",
+        ARRAY(Text),
+        nullable=False,
+        comment="The regions the latest start configured for it.",
+    ),
+    Column(
+        "configured",
+        Boolean,
+        nullable=False,
+        server_default=text("true"),
+        comment="True while the configuration of the latest start has the account; an "
+        "account removed from it keeps its rows.",
+    ),
+    _tz("first_configured_at", "When a start first had the account configured.", nullable=False),
+    _tz("last_configured_at", "When a start last had the account configured.", nullable=False),
+    PrimaryKeyConstraint("account"),
+    comment="The configured JD Cloud accounts, written from the configuration at start.",
+)
+
+image_access = Table(
+    "image_access",
+    metadata,
+    Column("account", Text, nullable=False, comment="The account (inventory.accounts)."),
+    Column("region_id", Text, nullable=False, comment="Region of the image."),
+    Column("image_id", Text, nullable=False, comment="The image (inventory.images)."),
+    Column(
+        "image_source",
+        Text,
+        nullable=False,
+        comment="private (the account owns it) or shared (shared with it), as that account "
+        "lists it.",
+    ),
+    _tz("first_seen_at", "When a listing of this account first had the image.", nullable=False),
+    _tz(
+        "removed_at",
+        "When a complete listing of this account last lost the image (access revoked or "
+        "image removed); null while the account lists it.",
+    ),
+    PrimaryKeyConstraint("account", "region_id", "image_id"),
+    ForeignKeyConstraint(
+        ["region_id", "image_id"],
+        ["inventory.images.region_id", "inventory.images.image_id"],
+    ),
+    CheckConstraint(_in("image_source", ACCESS_SOURCES), name="image_source"),
+    Index(None, "region_id", "image_id"),
+    comment="Which account can use which private or shared image: one row per (account, "
+    "image); an image stored once in images has one row here per account that sees it.",
 )
 
 # -- change feed (migration 0005) --------------------------------------------------------
