@@ -23,7 +23,7 @@ from service.config import FILE_VARIABLES, SOURCES, VARIABLES, Settings, load_se
 from service.dburl import parse_database_url
 from service.errors import AuthError, ConfigError, DatabaseError, ImageSyncError
 from service.logs import setup_logging
-from service.store.tables import EVENT_TYPES
+from service.vocabulary import EVENT_TYPES
 
 log = logging.getLogger("service.cli")
 
@@ -245,8 +245,8 @@ def _region_argument(value: str) -> str:
 
 
 async def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    from service.app import open_runtime
     from service.progress import progress_for_terminal
-    from service.runtime import open_runtime
     from service.store.registry import register_configuration
     from service.sync import sync_once
 
@@ -287,7 +287,7 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from service.daemon import run_daemon
+    from service.app import run_daemon
 
     return await run_daemon(settings, apply_migrations=args.migrate)
 

@@ -17,7 +17,6 @@ import logging
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -45,7 +44,8 @@ OFFLINE_SOURCES = frozenset({"public", "thirdparty"})
 DEFAULT_ENDPOINT = "https://vm.jdcloud-api.com"
 DEFAULT_REGIONS = "cn-north-1,cn-east-1,cn-east-2,cn-south-1"
 
-_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+"""A region id like ``cn-north-1`` (the settings and the API client check it)."""
 
 # Variable name -> model field name. The order is the order of --help and docs.
 VARIABLES: dict[str, str] = {
@@ -105,7 +105,7 @@ def _none_if_blank(value: Any) -> Any:
 
 def region_id(value: Any) -> str:
     """``value`` when it is a region id like ``cn-north-1``; else ValueError saying so."""
-    if not isinstance(value, str) or not _REGION_RE.match(value):
+    if not isinstance(value, str) or not REGION_RE.match(value):
         raise ValueError(f"{value!r} is not a region id like cn-north-1")
     return value
 
@@ -347,17 +347,10 @@ class Settings(BaseModel):
         override: float | None = getattr(self, f"interval_{source}")
         return override if override is not None else self.interval
 
-    def credentials(self) -> Credentials:
-        """The API key pair; the simulator's demo pair for a local endpoint without one."""
-        if self.access_key and self.secret_key:
-            return Credentials(
-                self.access_key,
-                self.secret_key.get_secret_value(),
-                self.security_token.get_secret_value() if self.security_token else None,
-            )
-        from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
-
-        return Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY, None)
+    @property
+    def tick_interval(self) -> float:
+        """Seconds between the daemon's ticks: the shortest of the sources' intervals."""
+        return min(self.interval_for(source) for source in self.sources)
 
     def redacted(self) -> dict[str, str]:
         """Every variable with its effective value, secrets masked: for logs and --help."""
@@ -407,15 +400,6 @@ def check_variable_names(environ: Mapping[str, str], warn: Callable[[str], None]
             raise ConfigError(name, f"unknown variable{_closest(name, known)}")
         if name.startswith("JDCLOUD_"):
             warn(f"{name}: not a variable of image-sync, ignored{_closest(name, known)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """An access key pair; the secret never appears in ``repr``."""
-
-    access_key: str
-    secret_key: str = field(repr=False)
-    security_token: str | None = field(default=None, repr=False)
 
 
 def load_settings(

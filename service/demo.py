@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from service.app import open_runtime
 from service.config import Settings
 from service.report import SUMMARY_SQL, fetch
-from service.runtime import open_runtime
 from service.sync import sync_once
 
 

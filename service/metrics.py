@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.store.tables import EVENT_TYPES, PARTITION_STATUSES
+from service.vocabulary import EVENT_TYPES, PARTITION_STATUSES
 
 _DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 

@@ -19,6 +19,7 @@ which covers the describeImages object alone.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -109,8 +110,19 @@ class ImageRow:
     disks: tuple[DiskRow, ...]
 
 
-IMAGE_COLUMNS = tuple(f for f in ImageRow.__slots__ if f not in ("raw_json", "disks"))
+# The one list of the images' and disks' columns: the fields of ImageRow and DiskRow.
+# The COPY records below, the staging tables (service.store.apply, typed from
+# service.store.tables) and the merge's statements are built from these names;
+# tests/test_columns.py fails when inventory.images or inventory.image_disks drifts
+# from them.
+IMAGE_COLUMNS: tuple[str, ...] = tuple(
+    f for f in ImageRow.__slots__ if f not in ("raw_json", "disks")
+)
+"""The columns of ``inventory.images`` that describeImages fills, in ImageRow's order."""
 DISK_COLUMNS: tuple[str, ...] = DiskRow.__slots__
+"""The columns of ``inventory.image_disks`` after the image key, in DiskRow's order."""
+_image_record = operator.attrgetter(*IMAGE_COLUMNS, "raw_json")
+_disk_record = operator.attrgetter(*DISK_COLUMNS)
 
 TRACKED_FIELDS: tuple[str, ...] = (
     "image_source", "name", "platform", "os_version", "architecture", "os_type", "status",
@@ -462,11 +474,9 @@ def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> Image
 
 def image_record(row: ImageRow) -> tuple[Any, ...]:
     """The row as a tuple in :data:`IMAGE_COLUMNS` order plus ``raw`` (for COPY)."""
-    return (
-        row.region_id, row.image_id, row.image_source, row.name, row.platform,
-        row.os_version, row.architecture, row.os_type, row.status, row.description,
-        row.owner_pin, row.launch_permission, row.root_device_type, row.snapshot_id,
-        row.boot_mode, row.system_disk_size_gb, row.size_mb, row.progress, row.created_at,
-        row.offline, row.login_name, row.imported, row.expired_at, row.instance_id,
-        row.charge_service_code, row.charge_formula, row.content_hash, row.raw_json,
-    )  # fmt: skip
+    return _image_record(row)
+
+
+def disk_record(disk: DiskRow) -> tuple[Any, ...]:
+    """The disk as a tuple in :data:`DISK_COLUMNS` order (for COPY)."""
+    return _disk_record(disk)

@@ -42,7 +42,7 @@ from service.errors import ConfigError
 from service.metrics import Metrics
 from service.store import feed
 from service.store.feed import Change
-from service.store.tables import EVENT_TYPES
+from service.vocabulary import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ import orjson
 from yarl import URL
 
 from service import __version__
-from service.config import Credentials
+from service.config import REGION_RE
 from service.errors import (
     ApiError,
     AuthError,
@@ -59,7 +59,7 @@ from service.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from service.jdcloud.signer import encode_query, sign_headers
+from service.jdcloud.signer import Credentials, encode_query, sign_headers
 from service.metrics import Metrics
 
 USER_AGENT = f"jdcloud-image-sync/{__version__}"
@@ -76,7 +76,6 @@ TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "SOURCE_UN
 """``error.status`` values of JD Cloud's common error table that are retried."""
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
 """describeImages' documented ``pageSize`` range."""
-_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
 _IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _R = TypeVar("_R")
 
@@ -616,7 +615,7 @@ def _check_image_id(image_id: str) -> None:
 
 
 def _check_region(region: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not REGION_RE.match(region):
         raise ValueError(f"region must be a region id like cn-north-1, got {region!r}")
 
 

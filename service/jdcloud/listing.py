@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.config import OFFLINE_SOURCES
 from service.jdcloud.client import ImagesClient, Page, RequestStats
 
 
@@ -32,6 +33,32 @@ class Listing:
     def __str__(self) -> str:
         suffix = "" if self.offline is None else f" offline={str(self.offline).lower()}"
         return f"{self.region}/{self.source}{suffix}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Partition:
+    """One (region, source) pair: the unit that is locked, applied and recorded."""
+
+    region: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.region}/{self.source}"
+
+    def listings(self) -> tuple[Listing, ...]:
+        """Two listings (``offline=false``, ``offline=true``) for public and thirdparty;
+        one without ``offline`` for the other sources."""
+        if self.source in OFFLINE_SOURCES:
+            return (
+                Listing(self.region, self.source, False, 0),
+                Listing(self.region, self.source, True, 1),
+            )
+        return (Listing(self.region, self.source, None, 0),)
+
+
+def partitions_of(regions: Sequence[str], sources: Sequence[str]) -> list[Partition]:
+    """Every (region, source) pair, regions first."""
+    return [Partition(r, s) for r in regions for s in sources]
 
 
 @dataclass(slots=True)

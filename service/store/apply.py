@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.normalize import (
@@ -33,10 +34,12 @@ from service.normalize import (
     KNOWN_FIELDS,
     ImageExtras,
     ImageRow,
+    disk_record,
     image_record,
 )
 from service.store.feed import event_id_floor, record_batch
-from service.store.tables import EVENT_TYPES
+from service.store.tables import image_disks, images
+from service.vocabulary import EVENT_TYPES
 
 PARTITION_LOCK_SPACE = 0x1D5C
 """First key of the two-key advisory locks taken on partitions."""
@@ -70,28 +73,29 @@ _DISK_DOC = (
     + ") ORDER BY d.position)"
 )
 
+_STAGE_EXTRA_COLUMNS = ("image_id", *EXTRA_COLUMNS)
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _staging_table(name: str, columns: Sequence[str], table: sa.Table, *, key: str = "") -> str:
+    """``CREATE TEMP TABLE`` for a staging table of ``columns``, each typed as the column
+    of that name in ``table`` (``listing`` is the listing's index); ``key`` its primary
+    key. So staging cannot drift from :mod:`service.store.tables`."""
+    quote = _PG.identifier_preparer.quote
+    defs = [
+        f"{quote(c)} "
+        + ("smallint" if c == "listing" else table.c[c].type.compile(dialect=_PG).lower())
+        + (" PRIMARY KEY" if c == key else "")
+        for c in columns
+    ]
+    return f"CREATE TEMP TABLE {name} ({', '.join(defs)}) ON COMMIT DROP"
+
+
 _CREATE_STAGING = [
-    """CREATE TEMP TABLE stage_images (
-        region_id text, image_id text, image_source text, name text, platform text,
-        os_version text, architecture text, os_type text, status text, description text,
-        owner_pin text, launch_permission text, root_device_type text, snapshot_id text,
-        boot_mode text, system_disk_size_gb integer, size_mb integer, progress integer,
-        created_at timestamptz, "offline" boolean, login_name text, imported boolean,
-        expired_at timestamptz, instance_id text, charge_service_code text,
-        charge_formula jsonb, content_hash bytea, raw jsonb, listing smallint,
-        shared_with text[], instance_types_constraint text, instance_types text[]
-    ) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_extras (
-        image_id text PRIMARY KEY, shared_with text[], instance_types_constraint text,
-        instance_types text[]
-    ) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_seen (image_id text, listing smallint) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_disks (
-        image_id text, position smallint, role text, device_name text, disk_category text,
-        auto_delete boolean, cloud_disk_type text, cloud_disk_size_gb integer,
-        cloud_iops integer, cloud_snapshot_id text, cloud_encrypted boolean,
-        local_disk_type text, local_disk_size_gb integer, listing smallint
-    ) ON COMMIT DROP""",
+    _staging_table("stage_images", (*_STAGE_IMAGE_COLUMNS, *EXTRA_COLUMNS), images),
+    _staging_table("stage_extras", _STAGE_EXTRA_COLUMNS, images, key="image_id"),
+    _staging_table("stage_seen", ("image_id", "listing"), images),
+    _staging_table("stage_disks", _STAGE_DISK_COLUMNS, image_disks),
 ]
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
@@ -347,7 +351,7 @@ class PartitionWriter:
             records=[(*image_record(r), listing) for r in rows],
             columns=_STAGE_IMAGE_COLUMNS,
         )
-        disks = [(r.image_id, *_disk_tuple(d), listing) for r in rows for d in r.disks]
+        disks = [(r.image_id, *disk_record(d), listing) for r in rows for d in r.disks]
         if disks:
             await self._driver.copy_records_to_table(
                 "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
@@ -385,7 +389,7 @@ class PartitionWriter:
             await self._driver.copy_records_to_table(
                 "stage_extras",
                 records=[e.record() for e in extras],
-                columns=("image_id", *EXTRA_COLUMNS),
+                columns=_STAGE_EXTRA_COLUMNS,
             )
 
     async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
@@ -516,11 +520,3 @@ class PartitionWriter:
             await conn.execute(sa.text(_PROMOTE_DISKS), params)
             await conn.execute(sa.text(_UNSEE_PROMOTED))
         await conn.execute(sa.text(_SET_EXTRAS))
-
-
-def _disk_tuple(d: Any) -> tuple[Any, ...]:
-    return (
-        d.position, d.role, d.device_name, d.disk_category, d.auto_delete, d.cloud_disk_type,
-        d.cloud_disk_size_gb, d.cloud_iops, d.cloud_snapshot_id, d.cloud_encrypted,
-        d.local_disk_type, d.local_disk_size_gb,
-    )  # fmt: skip

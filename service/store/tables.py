@@ -27,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from service.vocabulary import EVENT_TYPES, PARTITION_STATUSES, RUN_STATUSES
+
 SCHEMA = "inventory"
 
 metadata = MetaData(
@@ -39,10 +41,6 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     },
 )
-
-EVENT_TYPES = ("created", "updated", "went_offline", "came_online", "removed", "reappeared")
-RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
-PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
 
 
 def _tz(name: str, comment: str, *, nullable: bool = True) -> Column[object]:

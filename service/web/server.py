@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -38,9 +38,6 @@ from service.store import migrate
 from service.store.engine import describe_error
 from service.web import data
 from service.web.page import render_page
-
-if TYPE_CHECKING:
-    from service.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,9 @@ _SECURITY_HEADERS = {
 
 @dataclass
 class StatusContext:
-    """What the status server reads. It owns none of it: the daemon (or a test) does."""
+    """What the status server reads. It owns none of it: the composition root
+    (:func:`service.app.run_daemon`) or a test does; ``stopping`` tells it the daemon's
+    shutdown began."""
 
     engine: AsyncEngine
     settings: Settings
@@ -77,8 +76,7 @@ class StatusContext:
 
     def __post_init__(self) -> None:
         if not self.tick_interval:
-            s = self.settings
-            self.tick_interval = min(s.interval_for(source) for source in s.sources)
+            self.tick_interval = self.settings.tick_interval
 
 
 CONTEXT: web.AppKey[StatusContext] = web.AppKey("status_context", StatusContext)
@@ -231,17 +229,3 @@ async def serve_status(context: StatusContext, host: str, port: int) -> AsyncIte
         yield url
     finally:
         await runner.cleanup()
-
-
-@asynccontextmanager
-async def start_status_server(daemon: Daemon, host: str, port: int) -> AsyncIterator[str]:
-    """The daemon's status server."""
-    context = StatusContext(
-        engine=daemon.runtime.database.engine,
-        settings=daemon.settings,
-        metrics=daemon.runtime.metrics,
-        stopping=lambda: daemon.stopping,
-        tick_interval=daemon.tick_interval,
-    )
-    async with serve_status(context, host, port) as url:
-        yield url
