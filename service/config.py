@@ -442,6 +442,7 @@ def load_settings(
             "endpoint",
         ) and isinstance(value, str | int | float):
             message = f"{message} (got {value!r})"
+        # Not chained: pydantic's error carries the input, which may be a secret.
         raise ConfigError(variable, message) from None
     settings = _webhook_secrets(settings, environ)
     if bool(settings.access_key) != (settings.secret_key is not None):
@@ -479,7 +480,7 @@ def _read_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
             out[name] = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
-            raise ConfigError(f"{name}_FILE", f"cannot read {path}: {reason}") from None
+            raise ConfigError(f"{name}_FILE", f"cannot read {path}: {reason}") from exc
     return out
 
 
@@ -506,12 +507,12 @@ def _webhook_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("--config", f"no such file: {path}") from None
+    except FileNotFoundError as exc:
+        raise ConfigError("--config", f"no such file: {path}") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc}") from None
+        raise ConfigError("--config", f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key == "webhooks":  # [[webhooks]]: a list of tables, not a variable

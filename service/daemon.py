@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.errors import AuthError, DatabaseError, SchemaNotCurrent
@@ -52,6 +51,7 @@ from service.jdcloud.client import ImagesClient
 from service.jdcloud.listing import Partition, partitions_of
 from service.metrics import Metrics
 from service.store import migrate
+from service.store.engine import Engine
 from service.store.feed import listen
 from service.store.runs import last_successes, prune_runs
 from service.sync import SyncReport, sync_once
@@ -81,7 +81,7 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        engine: AsyncEngine,
+        engine: Engine,
         client: ImagesClient,
         session: aiohttp.ClientSession,
         metrics: Metrics,

@@ -332,7 +332,7 @@ async def _fetch_members(
     client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
 ) -> tuple[list[ImageExtras], list[str]]:
     """describeImageMembers for each id, by a fixed pool of workers sharing one iterator
-    (not one task per id: 13,000 waiting tasks cost ~100 MB)."""
+    (not one task per id: waiting tasks cost memory per id, bench/README.md)."""
     found: list[ImageExtras] = []
     vanished: list[str] = []
     pending = iter(ids)

@@ -20,15 +20,13 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
 from service.ingest import PartitionIntake, Progress
 from service.jdcloud.client import ImagesClient, RequestStats
 from service.jdcloud.listing import Partition
 from service.metrics import Metrics
 from service.store.apply import PartitionWriter
-from service.store.engine import database_errors
+from service.store.engine import Connection, Engine, connect, transaction
 from service.store.runs import (
     PartitionReport,
     finish_run,
@@ -65,7 +63,7 @@ class SyncReport:
 class _Run:
     """What every partition of one run shares."""
 
-    engine: AsyncEngine
+    engine: Engine
     client: ImagesClient
     run_id: int
     started: float
@@ -77,7 +75,7 @@ class _Run:
 
 
 async def sync_once(
-    engine: AsyncEngine,
+    engine: Engine,
     client: ImagesClient,
     partitions: Sequence[Partition],
     *,
@@ -103,38 +101,32 @@ async def sync_once(
     """
     started = time.monotonic()
     await mark_abandoned(engine)
-    with database_errors("cannot start a run"):
-        lock_conn = await engine.connect()
-    run_id: int | None = None
-    try:
-        with database_errors("cannot start a run"):
-            await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
-            run_id = await start_run(lock_conn, trigger=trigger)
-        log.info("run %d started: %d partitions", run_id, len(partitions))
-        run = _Run(
-            engine=engine,
-            client=client,
-            run_id=run_id,
-            started=started,
-            page_size=page_size,
-            progress=progress or Progress(),
-            metrics=metrics,
-            fresh_within=fresh_within,
-            stop=stop,
-        )
-        reports, refusal = await _fan_out(run, partitions, partition_concurrency)
-        if refusal is not None:
-            for report in await _record_refused(run, partitions, reports, refusal):
-                reports.append(report)
-                _finished(run, report)
-        result = await _finish(run, reports, refusal)
-        if refusal is not None:
-            raise refusal  # the client's own error: its cause and retry_after kept
-        return result
-    finally:
-        if run_id is not None:
+    async with connect(engine, "cannot start a run", autocommit=True) as lock_conn:
+        run_id = await start_run(lock_conn, trigger=trigger)
+        try:
+            log.info("run %d started: %d partitions", run_id, len(partitions))
+            run = _Run(
+                engine=engine,
+                client=client,
+                run_id=run_id,
+                started=started,
+                page_size=page_size,
+                progress=progress or Progress(),
+                metrics=metrics,
+                fresh_within=fresh_within,
+                stop=stop,
+            )
+            reports, refusal = await _fan_out(run, partitions, partition_concurrency)
+            if refusal is not None:
+                for report in await _record_refused(run, partitions, reports, refusal):
+                    reports.append(report)
+                    _finished(run, report)
+            result = await _finish(run, reports, refusal)
+            if refusal is not None:
+                raise refusal  # the client's own error: its cause and retry_after kept
+            return result
+        finally:
             await release_run(lock_conn, run_id)
-        await lock_conn.close()
 
 
 async def _fan_out(
@@ -291,12 +283,11 @@ async def _sync_partition(run: _Run, partition: Partition) -> PartitionReport:
     run.progress.partition_started(partition)
     failure: tuple[str, str] | None = None
     try:
-        with database_errors(""):
-            async with run.engine.connect() as conn, conn.begin():
-                report = await _apply_partition(run, conn, partition, intake)
-                if report.status in ("succeeded", "incomplete"):
-                    report = replace(report, seconds=time.monotonic() - started)
-                    await record_partition(conn, run.run_id, report)
+        async with transaction(run.engine) as conn:
+            report = await _apply_partition(run, conn, partition, intake)
+            if report.status in ("succeeded", "incomplete"):
+                report = replace(report, seconds=time.monotonic() - started)
+                await record_partition(conn, run.run_id, report)
     except AuthError:
         raise
     except ApiError as exc:
@@ -322,7 +313,7 @@ async def _sync_partition(run: _Run, partition: Partition) -> PartitionReport:
 
 
 async def _apply_partition(
-    run: _Run, conn: AsyncConnection, partition: Partition, intake: PartitionIntake
+    run: _Run, conn: Connection, partition: Partition, intake: PartitionIntake
 ) -> PartitionReport:
     """Lock, check freshness, take in the pages and merge them, on ``conn`` (in the
     partition's transaction); the report, not yet recorded."""
@@ -376,9 +367,8 @@ async def _record_refused(
         if p not in done
     ]
     try:
-        with database_errors(""):
-            async with run.engine.begin() as conn:
-                await record_partitions(conn, run.run_id, refused)
+        async with transaction(run.engine) as conn:
+            await record_partitions(conn, run.run_id, refused)
     except DatabaseError as exc:
         log.error("could not record the partitions refused in run %d: %s", run.run_id, exc)
     return refused
@@ -387,8 +377,7 @@ async def _record_refused(
 async def _record_outside(run: _Run, report: PartitionReport) -> None:
     """Record a failed or skipped partition in its own transaction (best effort)."""
     try:
-        with database_errors(""):
-            async with run.engine.begin() as conn:
-                await record_partition(conn, run.run_id, report)
+        async with transaction(run.engine) as conn:
+            await record_partition(conn, run.run_id, report)
     except DatabaseError as exc:
         log.error("could not record partition %s: %s", report.partition, exc)

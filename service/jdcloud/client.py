@@ -497,14 +497,14 @@ class ImagesClient:
                 detail = str(exc) or type(exc).__name__
                 raise TransientApiError(
                     f"request timed out: {detail}", status="TIMEOUT", region=region
-                ) from None
+                ) from exc
             except aiohttp.ClientError as exc:
                 self._count(region, "error")
                 raise TransientApiError(
                     f"connection failed: {type(exc).__name__}: {exc}",
                     status="NETWORK",
                     region=region,
-                ) from None
+                ) from exc
         self._count(region, str(status))
         if status == 200:
             # Parsed inside the retry loop: a 200 that is HTML or truncated
@@ -520,7 +520,7 @@ class ImagesClient:
                     request_id=error.request_id or request_id,
                     retry_after=retry_after,
                     stats=stats,
-                ) from None
+                ) from None  # _ErrorInBody is only the parser's signal: nothing to keep
         raise self._error(status, body, region, retry_after, request_id, stats)
 
     def _signed_headers(self, path: str, region: str, query: str) -> dict[str, str]:
@@ -667,11 +667,11 @@ def _parse_result(body: bytes, region: str) -> tuple[dict[str, Any], str | None]
     envelope is :class:`MalformedResponse`, an ``error`` object raises as its code says."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
         snippet = body[:60].decode("utf-8", "replace")
         raise _malformed(
             f"body is not JSON ({len(body)} bytes, starts {snippet!r})", region
-        ) from None
+        ) from exc
     if not isinstance(data, dict):
         raise _malformed("body is not a JSON object", region)
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None

@@ -74,11 +74,10 @@ class ListingOutcome:
 
 
 MAX_PAGES_AHEAD = 256
-"""Pages of one listing requested or received but not yet consumed by its sink (a
-decoded 100-image page is about 300 kB, so at most ~75 MB). A page beyond the window is
-queued for a request slot only when an earlier page is consumed. (Measured when the
-client still served requests in arrival order: a window of 128 made the benchmark's
-400-page partition take twice as long.)"""
+"""Pages of one listing requested or received but not yet consumed by its sink: memory
+is bounded by this window, not by the listing; a page beyond it is queued for a request
+slot only when an earlier page is consumed (sizes and measurements: bench/README.md,
+"Constants and their numbers")."""
 
 FIRST_PAGE_PRIORITY = -math.inf
 """Every listing's first page goes before other pages: it tells how big the listing is."""

@@ -458,8 +458,8 @@ class PartitionWriter:
             await conn.execute(sa.text(_DEDUPE_IMAGES))
             await conn.execute(sa.text(_DEDUPE_UNCHANGED))
             await conn.execute(sa.text(_DEDUPE_DISKS))
-        # Statistics of the join keys only, from a small sample (3,000 rows): a full
-        # one read the whole staging table, 0.1 s on a 40,000-image partition.
+        # Statistics of the join keys only, from a small sample: a full one reads the
+        # whole staging table (bench/README.md, "Constants and their numbers").
         await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
         await conn.execute(sa.text("ANALYZE stage_seen"))
         await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))

@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from service.config import Settings
 from service.dburl import DatabaseUrl, parse_database_url
@@ -31,6 +31,13 @@ from service.embedded import EmbeddedPostgres
 from service.errors import DatabaseError
 
 log = logging.getLogger(__name__)
+
+Engine: TypeAlias = AsyncEngine
+"""The database handle the store's functions take; code above the store holds it and
+passes it on, and never uses it itself."""
+Connection: TypeAlias = AsyncConnection
+"""A connection from :func:`connect` or :func:`transaction`, for the store's functions."""
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -99,6 +106,29 @@ class database_errors:
         return translated
 
 
+@asynccontextmanager
+async def connect(
+    engine: Engine, what: str = "", *, autocommit: bool = False
+) -> AsyncIterator[Connection]:
+    """A pooled connection for the block (each statement its own transaction with
+    ``autocommit``); driver errors in the block, and in getting or returning the
+    connection, are :class:`DatabaseError` (``what: ...``)."""
+    with database_errors(what):
+        async with engine.connect() as conn:
+            if autocommit:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
+
+@asynccontextmanager
+async def transaction(engine: Engine, what: str = "") -> AsyncIterator[Connection]:
+    """A connection in a transaction committed at the end of the block (rolled back on
+    an error); driver errors in the block or at commit are :class:`DatabaseError`."""
+    with database_errors(what):
+        async with engine.connect() as conn, conn.begin():
+            yield conn
+
+
 @dataclass
 class Database:
     """The engine and, when it started one, the embedded server behind it."""
@@ -122,11 +152,11 @@ def create_engine(
 ) -> AsyncEngine:
     """The engine on ``url`` (a libpq URL, see :mod:`service.dburl`)."""
     target = url if isinstance(url, DatabaseUrl) else parse_database_url(url)
-    # JIT compiles a merge's plan for about a second whenever stale statistics make it
-    # look expensive (right after a first sync), for no gain on these statements.
-    # UTC: timestamps inside the jsonb history documents are written the same way
-    # whatever the server's TimeZone. work_mem: a 40,000-image merge sorts its created
-    # events in memory instead of spilling 45 MB to disk.
+    # jit off: stale statistics after a first sync make the merge look expensive and JIT
+    # compiles it for no gain; temp_buffers, work_mem: a big partition's staging and
+    # sorts stay in memory (measurements: bench/README.md, "Constants and their
+    # numbers"). UTC: timestamps inside the jsonb history documents are written the same
+    # way whatever the server's TimeZone.
     server_settings = {
         "application_name": target.application_name,
         "jit": "off",

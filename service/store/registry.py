@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.errors import DatabaseError
-from service.store.engine import describe_error
+from service.store.engine import transaction
 
 _CONFIGURE = """
 INSERT INTO inventory.partitions
@@ -47,11 +46,6 @@ async def register_configuration(
         "regions": [region for region, _ in partitions],
         "sources": [source for _, source in partitions],
     }
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(sa.text(_CONFIGURE), params)
-            await conn.execute(sa.text(_UNCONFIGURE), params)
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise DatabaseError(
-            f"cannot register the configured partitions: {describe_error(exc, str(engine.url))}"
-        ) from None
+    async with transaction(engine, "cannot register the configured partitions") as conn:
+        await conn.execute(sa.text(_CONFIGURE), params)
+        await conn.execute(sa.text(_UNCONFIGURE), params)

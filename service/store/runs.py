@@ -55,9 +55,9 @@ class PartitionReport:
     places it: it finished when recorded, and started ``seconds`` before)."""
 
 
-@database_errors("cannot start a run")
 async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:
-    """Insert a ``running`` run and take its liveness lock on ``lock_conn`` (autocommit)."""
+    """Insert a ``running`` run and take its liveness lock on ``lock_conn`` (autocommit,
+    from :func:`~service.store.engine.connect`, which translates driver errors)."""
     run_id: int = await lock_conn.scalar(
         sa.insert(sync_runs)
         .values(
