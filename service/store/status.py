@@ -82,10 +82,10 @@ class ImagesGauge:
 
 
 @dataclass(frozen=True, slots=True)
-class TransitionCount:
-    """Offline transitions in one bucket of ``offline_transitions``."""
+class TransitionBucket:
+    """Offline transitions in one bucket of ``offline_transitions``, from ``start``."""
 
-    bucket: datetime
+    start: datetime
     went_offline: int
     came_online: int
 
@@ -148,7 +148,7 @@ SELECT min(occurred_at) FROM inventory.offline_transitions WHERE occurred_at >= 
 """
 _TRANSITIONS = """
 SELECT date_bin(make_interval(secs => :bucket), occurred_at, timestamptz '2000-01-01 00:00Z')
-           AS bucket,
+           AS start,
        count(*) FILTER (WHERE event_type = 'went_offline')::bigint AS went_offline,
        count(*) FILTER (WHERE event_type = 'came_online')::bigint AS came_online
   FROM inventory.offline_transitions
@@ -240,10 +240,10 @@ async def first_transition(conn: Connection, since: datetime) -> datetime | None
 
 async def transition_counts(
     conn: Connection, since: datetime, bucket_seconds: int
-) -> list[TransitionCount]:
+) -> list[TransitionBucket]:
     """Offline transitions since ``since`` per bucket (buckets aligned on 2000-01-01 UTC),
     only the buckets that have any."""
-    return await _rows(conn, TransitionCount, _TRANSITIONS, bucket=bucket_seconds, since=since)
+    return await _rows(conn, TransitionBucket, _TRANSITIONS, bucket=bucket_seconds, since=since)
 
 
 async def run_durations(conn: Connection, n: int) -> list[RunDuration]:

@@ -18,7 +18,7 @@ from service.metrics import Metrics
 from service.store import status
 from service.store.engine import Connection
 from service.store.feed import SubscriberStatus, subscriber_statuses
-from service.store.status import HealthRow, RunDuration, RunRow, SummaryRow
+from service.store.status import HealthRow, RunDuration, RunRow, SummaryRow, TransitionBucket
 
 TRANSITIONS_WINDOW = timedelta(days=7)
 """How far back the offline-transitions chart looks."""
@@ -72,13 +72,6 @@ async def refresh_gauges(
 
 
 @dataclass(frozen=True, slots=True)
-class TransitionBucket:
-    start: datetime
-    went_offline: int
-    came_online: int
-
-
-@dataclass(frozen=True, slots=True)
 class Transitions:
     """Offline transitions counted per bucket (``bucket_seconds`` wide), oldest first."""
 
@@ -114,7 +107,7 @@ async def transitions(conn: Connection, now: datetime) -> Transitions:
         return Transitions(3600, ())
     width = bucket_width((now - first).total_seconds())
     rows = await status.transition_counts(conn, since, width)
-    counted = {row.bucket: row for row in rows}
+    counted = {row.start: row for row in rows}
     # Every bucket from the first event to now, empty ones included: time reads left to right.
     epoch = datetime(2000, 1, 1, tzinfo=UTC)
     start = epoch + timedelta(seconds=math.floor((first - epoch).total_seconds() / width) * width)
