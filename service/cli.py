@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from service import __version__
 from service.config import FILE_VARIABLES, SOURCES, VARIABLES, Settings, load_settings, region_id
@@ -55,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, metavar="FILE", help="TOML file with settings (env wins)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_sync_commands(sub)
+    _add_reading_commands(sub)
+    _add_demo_commands(sub)
+    return parser
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_sync_commands(sub: Subparsers) -> None:
+    """sync, run, migrate: the commands that write."""
     p = sub.add_parser("sync", help="run one sync (--once) and exit 0 (all good) or 1")
     p.add_argument("--once", action="store_true", required=True, help="one run, then exit")
     p.add_argument(
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="upgrade the database schema to head")
     p.set_defaults(handler=_migrate)
 
+
+def _add_reading_commands(sub: Subparsers) -> None:
+    """status, changes, check, schema-doc: the commands that only read."""
     p = sub.add_parser("status", help="partition health and recent runs as a table")
     p.add_argument(
         "--runs", type=_count_argument, default=10, help="how many recent runs to show (>= 0)"
@@ -125,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_schema_doc)
 
+
+def _add_demo_commands(sub: Subparsers) -> None:
+    """simulate, demo: the commands that run the simulator."""
     # Options of `simulate` belong to the simulator (see simulate_parser); listed here for help.
     sub.add_parser(
         "simulate", help="serve the describeImages simulator until stopped", add_help=False
@@ -137,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2000, help="simulated catalogue size")
     p.add_argument("--seed", type=int, default=7, help="catalogue seed")
     p.set_defaults(handler=_demo)
-    return parser
 
 
 def simulate_parser() -> argparse.ArgumentParser:

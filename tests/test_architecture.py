@@ -8,7 +8,8 @@ Read with ``ast`` from the source files (nothing is imported or run):
 - production code never imports the simulator, except the two commands that serve it
   (``simulate`` in ``service/cli.py``, ``service/demo.py``);
 - no function hides an import of a service module (the CLI's per-command imports
-  excepted: they keep ``--help`` fast and are no circle).
+  excepted: they keep ``--help`` fast and are no circle);
+- no function of ``service/`` is longer than 60 lines.
 """
 
 from __future__ import annotations
@@ -221,3 +222,17 @@ def test_the_checker_sees_what_it_checks() -> None:
     assert any(i.imported == "service.config" and not i.local for i in imports)
     assert any(within(i.imported, (SIMULATOR,)) and i.local for i in imports)
     assert layer_of("service.store.apply") == 4 and layer_of("service.jdcloud.client") == 2
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    offenders = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    offenders.append(f"{module_name(path)}.{node.name}: {lines} lines")
+    assert not offenders, f"over {MAX_FUNCTION_LINES} lines: " + "; ".join(offenders)

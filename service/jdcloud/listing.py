@@ -110,101 +110,122 @@ async def list_pages(
     API errors propagate (after the client's retries); pages still in flight are
     cancelled.
     """
+    pager = _Pager(client, listing, page_size, stats, on_page, on_progress)
+    first = await pager.first()
+    if pager.pages > 1:
+        await pager.the_rest()
+    await pager.past_the_end(first)
+    return pager.outcome
 
-    priority = FIRST_PAGE_PRIORITY
 
-    async def fetch(number: int) -> Page:
-        return await client.describe_images(
-            listing.region,
-            image_source=listing.source,
-            offline=listing.offline,
+class _Pager:
+    """One pass over a listing's pages: the first alone, then the rest at once."""
+
+    def __init__(
+        self,
+        client: ImagesClient,
+        listing: Listing,
+        page_size: int,
+        stats: RequestStats,
+        on_page: PageSink,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.client = client
+        self.listing = listing
+        self.page_size = page_size
+        self.stats = stats
+        self.on_page = on_page
+        self.on_progress = on_progress or (lambda done, total: None)
+        self.outcome = ListingOutcome()
+        self.priority = FIRST_PAGE_PRIORITY
+        self.pages = 1
+        self.consumed = 0
+
+    async def fetch(self, number: int) -> Page:
+        return await self.client.describe_images(
+            self.listing.region,
+            image_source=self.listing.source,
+            offline=self.listing.offline,
             page_number=number,
-            page_size=page_size,
-            stats=stats,
-            priority=priority,
+            page_size=self.page_size,
+            stats=self.stats,
+            priority=self.priority,
         )
 
-    outcome = ListingOutcome()
-    first = await fetch(1)
-    outcome.total_count = first.total_count
-    outcome.totals_seen.add(first.total_count)
-    pages = max(1, math.ceil(first.total_count / page_size))
-    priority = page_priority(pages)
-    outcome.pages = 1
-    stats.pages += 1
-    await on_page(first.images)
-    if on_progress:
-        on_progress(1, pages)
+    def _received(self, page: Page) -> None:
+        self.outcome.pages += 1
+        self.stats.pages += 1
+        self.outcome.totals_seen.add(page.total_count)
 
-    async def past_the_end() -> None:
-        # A totalCount that understates the listing by whole pages would look complete
-        # (and let the merge remove real images). When the last page was full, read
-        # one more: anything on it makes the listing unsettled.
-        if first.total_count == 0 or first.total_count % page_size:
+    async def first(self) -> Page:
+        """Page 1: it tells how many pages there are."""
+        first = await self.fetch(1)
+        self.outcome.total_count = first.total_count
+        self.pages = max(1, math.ceil(first.total_count / self.page_size))
+        self.priority = page_priority(self.pages)
+        self._received(first)
+        await self.on_page(first.images)
+        self.consumed = 1
+        self.on_progress(1, self.pages)
+        return first
+
+    async def past_the_end(self, first: Page) -> None:
+        """A totalCount that understates the listing by whole pages would look complete
+        (and let the merge remove real images). When the last page was full, read one
+        more: anything on it makes the listing unsettled."""
+        if first.total_count == 0 or first.total_count % self.page_size:
             return
-        extra = await fetch(pages + 1)
-        outcome.pages += 1
-        stats.pages += 1
-        outcome.totals_seen.add(extra.total_count)
+        extra = await self.fetch(self.pages + 1)
+        self._received(extra)
         if extra.images:  # new ids here make the unique count exceed totalCount
-            await on_page(extra.images)
+            await self.on_page(extra.images)
 
-    if pages == 1:
-        await past_the_end()
-        return outcome
+    async def the_rest(self) -> None:
+        """Pages 2..n, every one queued for the client at once (its limits pace them,
+        bigger listings first), at most MAX_PAGES_AHEAD of them not yet consumed; a
+        page is dropped as soon as ``on_page`` returns. So memory is bounded by the
+        window, not the listing."""
+        ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
 
-    # Every page is queued for the client at once (its limits pace them, bigger listings
-    # first), at most MAX_PAGES_AHEAD of them not yet consumed; a page is dropped
-    # as soon as ``on_page`` returns. So memory is bounded by the window, not the listing.
-    ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
+        async def fetch_ahead(number: int) -> Page:
+            await ahead.acquire()  # released when the page has been consumed
+            return await self.fetch(number)
 
-    async def fetch_ahead(number: int) -> Page:
-        await ahead.acquire()  # released when the page has been consumed
-        return await fetch(number)
+        arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
+        pending: set[asyncio.Task[Page]] = set()
+        for number in range(2, self.pages + 1):
+            task = asyncio.ensure_future(fetch_ahead(number))
+            task.add_done_callback(arrived.put_nowait)
+            pending.add(task)
+        # Two sink calls overlap: while one page is being written (the sink awaits its
+        # database), the next is already handed over, so its CPU-bound part runs meanwhile.
+        writing: asyncio.Task[None] | None = None
+        try:
+            while pending:
+                task = await arrived.get()
+                pending.discard(task)
+                page = task.result()
+                del task
+                self._received(page)
+                # Track the new sink before awaiting the previous one: if that raises, the
+                # `finally` below must still cancel and collect this one (else its error
+                # is "Task exception was never retrieved").
+                previous, writing = writing, asyncio.ensure_future(self.on_page(page.images))
+                del page
+                if previous is not None:
+                    await self._finish(previous, ahead)
+            if writing is not None:
+                await self._finish(writing, ahead)
+                writing = None
+        finally:
+            for task in pending:
+                task.cancel()
+            if writing is not None:
+                writing.cancel()
+            await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
 
-    arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
-    pending: set[asyncio.Task[Page]] = set()
-    for number in range(2, pages + 1):
-        task = asyncio.ensure_future(fetch_ahead(number))
-        task.add_done_callback(arrived.put_nowait)
-        pending.add(task)
-    # Two sink calls overlap: while one page is being written (the sink awaits its
-    # database), the next is already handed over, so its CPU-bound part runs meanwhile.
-    writing: asyncio.Task[None] | None = None
-    consumed = 1
-
-    async def finish(sink: asyncio.Task[None]) -> None:
-        nonlocal consumed
+    async def _finish(self, sink: asyncio.Task[None], ahead: asyncio.Semaphore) -> None:
         await sink
         ahead.release()
-        consumed += 1
-        if on_progress:
-            on_progress(consumed, pages)
-
-    try:
-        while pending:
-            task = await arrived.get()
-            pending.discard(task)
-            page = task.result()
-            del task
-            outcome.pages += 1
-            stats.pages += 1
-            outcome.totals_seen.add(page.total_count)
-            # Track the new sink before awaiting the previous one: if that raises, the
-            # `finally` below must still cancel and collect this one (else its error is
-            # "Task exception was never retrieved").
-            previous, writing = writing, asyncio.ensure_future(on_page(page.images))
-            del page
-            if previous is not None:
-                await finish(previous)
-        if writing is not None:
-            await finish(writing)
-            writing = None
-    finally:
-        for task in pending:
-            task.cancel()
-        if writing is not None:
-            writing.cancel()
-        await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
-    await past_the_end()
-    return outcome
+        self.consumed += 1
+        self.on_progress(self.consumed, self.pages)

@@ -188,6 +188,14 @@ SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
   FROM stage_changes c
 """
 
+_SUCCEEDED = """
+SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions
+                WHERE region_id = :region AND image_source = :source AND status = 'succeeded')
+"""
+_COUNT_SEEN = """
+SELECT count(*) FROM (SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen) ids
+"""
+
 _EVENT_INSERT = """
 INSERT INTO inventory.image_events
        (occurred_at, sync_run_id, region_id, image_id, image_source, event_type,
@@ -439,42 +447,12 @@ class PartitionWriter:
         # The first successful sync of a partition records the initial load: its events
         # are `baseline` (the images existed before the service watched them). Only a
         # complete merge becomes a success; the partition's lock keeps this stable.
-        params["baseline"] = remove_missing and not await conn.scalar(
-            sa.text(
-                "SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions"
-                " WHERE region_id = :region AND image_source = :source"
-                " AND status = 'succeeded')"
-            ),
-            params,
-        )
+        params["baseline"] = remove_missing and not await conn.scalar(sa.text(_SUCCEEDED), params)
         floor = await event_id_floor(conn)  # for the change feed, below
-        await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
-        await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
-        await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
-        if len(self._listings) > 1:
-            # An image that moved between the online and offline listings while they
-            # were read can be in both: keep one (the offline listing's), never two.
-            # (Within one listing the process staged each image once.)
-            await conn.execute(sa.text(_DEDUPE_IMAGES))
-            await conn.execute(sa.text(_DEDUPE_UNCHANGED))
-            await conn.execute(sa.text(_DEDUPE_DISKS))
-        # Statistics of the join keys only, from a small sample: a full one reads the
-        # whole staging table (bench/README.md, "Constants and their numbers").
-        await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
-        await conn.execute(sa.text("ANALYZE stage_seen"))
-        await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
-        await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
+        await self._prepare_staging()
         if self._extras:
             await self._apply_extras(params)
-        seen = (
-            await conn.scalar(
-                sa.text(
-                    "SELECT count(*) FROM (SELECT image_id FROM stage_images"
-                    " UNION SELECT image_id FROM stage_seen) ids"
-                )
-            )
-            or 0
-        )
+        seen = await conn.scalar(sa.text(_COUNT_SEEN)) or 0
         await conn.execute(sa.text(_CLASSIFY), params)
         await conn.execute(sa.text(_DIFF))
         counts: dict[str, int] = {}
@@ -511,6 +489,27 @@ class PartitionWriter:
             floor=floor,
         )
         return merged
+
+    async def _prepare_staging(self) -> None:
+        """Index staging, keep one copy of an image staged by both listings, and gather
+        the statistics the merge's plans need."""
+        conn = self._conn
+        await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
+        await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
+        await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
+        if len(self._listings) > 1:
+            # An image that moved between the online and offline listings while they
+            # were read can be in both: keep one (the offline listing's), never two.
+            # (Within one listing the process staged each image once.)
+            await conn.execute(sa.text(_DEDUPE_IMAGES))
+            await conn.execute(sa.text(_DEDUPE_UNCHANGED))
+            await conn.execute(sa.text(_DEDUPE_DISKS))
+        # Statistics of the join keys only, from a small sample: a full one reads the
+        # whole staging table (bench/README.md, "Constants and their numbers").
+        await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
+        await conn.execute(sa.text("ANALYZE stage_seen"))
+        await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
+        await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
 
     async def _apply_extras(self, params: dict[str, Any]) -> None:
         conn = self._conn
