@@ -39,9 +39,9 @@ def settings_for(config: dict[str, Any]) -> Settings:
 
 
 async def floor(config: dict[str, Any]) -> dict[str, Any]:
+    from service.app import credentials_of
     from service.jdcloud.client import ImagesClient, RequestStats, open_session
-    from service.jdcloud.listing import list_pages
-    from service.sync import partitions_of
+    from service.jdcloud.listing import list_pages, partitions_of
 
     settings = settings_for(config)
     listings = [
@@ -63,7 +63,7 @@ async def floor(config: dict[str, Any]) -> dict[str, Any]:
         client = ImagesClient(
             session,
             endpoint=settings.endpoint,
-            credentials=settings.credentials(),
+            credentials=credentials_of(settings),
             concurrency=settings.concurrency,
             rate_limit=0,
         )
@@ -80,7 +80,7 @@ async def floor(config: dict[str, Any]) -> dict[str, Any]:
 
 
 async def sync(config: dict[str, Any]) -> dict[str, Any]:
-    from service.runtime import open_runtime
+    from service.app import open_runtime
     from service.sync import sync_once
 
     settings = settings_for(config)

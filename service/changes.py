@@ -24,9 +24,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store import feed
+from service.store.engine import Engine, connect
 from service.store.feed import Change
 
 PAGE = 500
@@ -98,7 +98,7 @@ class _Printer:
         self.console.print(table)
 
 
-async def print_changes(engine: AsyncEngine, query: ChangesQuery) -> int:
+async def print_changes(engine: Engine, query: ChangesQuery) -> int:
     """Print the feed from the query's start; with ``follow``, keep printing until a
     signal (or the reader of the output goes away: ``| head``). Returns the exit code."""
     try:
@@ -109,9 +109,9 @@ async def print_changes(engine: AsyncEngine, query: ChangesQuery) -> int:
         return 0
 
 
-async def _print_changes(engine: AsyncEngine, query: ChangesQuery) -> int:
+async def _print_changes(engine: Engine, query: ChangesQuery) -> int:
     printer = _Printer(query)
-    async with engine.connect() as conn:
+    async with connect(engine) as conn:
         if query.cursor is not None:
             cursor = query.cursor
         else:
@@ -135,9 +135,9 @@ async def _print_changes(engine: AsyncEngine, query: ChangesQuery) -> int:
     return 0
 
 
-async def _print_after(engine: AsyncEngine, cursor: int, printer: _Printer) -> int:
+async def _print_after(engine: Engine, cursor: int, printer: _Printer) -> int:
     """Print every event after ``cursor``; the new cursor."""
-    async with engine.connect() as conn:
+    async with connect(engine) as conn:
         while page := await feed.read_changes(conn, cursor, PAGE):
             printer.show(page)
             cursor = page[-1].cursor

@@ -17,7 +17,6 @@ import logging
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -55,7 +54,8 @@ ROLE_DURATION_RANGE = (900, 43200)
 """Seconds: the ``duration_seconds`` STS accepts for a role session."""
 DEFAULT_REGIONS = "cn-north-1,cn-east-1,cn-east-2,cn-south-1"
 
-_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
+"""A region id like ``cn-north-1`` (the settings and the API client check it)."""
 
 # Variable name -> model field name. The order is the order of --help and docs.
 VARIABLES: dict[str, str] = {
@@ -118,7 +118,7 @@ def _none_if_blank(value: Any) -> Any:
 
 def region_id(value: Any) -> str:
     """``value`` when it is a region id like ``cn-north-1``; else ValueError saying so."""
-    if not isinstance(value, str) or not _REGION_RE.match(value):
+    if not isinstance(value, str) or not REGION_RE.match(value):
         raise ValueError(f"{value!r} is not a region id like cn-north-1")
     return value
 
@@ -238,33 +238,6 @@ class AccountConfig(BaseModel):
         if self.access_key_file is not None or self.secret_key_file is not None:
             return "file"
         return "base"
-
-
-@dataclass(frozen=True, slots=True)
-class RoleSpec:
-    """A role assumed through STS with the base pair."""
-
-    role_jrn: str
-    session_name: str
-    duration_seconds: int
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    """One configured account, resolved: its own key pair (``credentials``) or a role
-    assumed with ``base`` (the base pair), and the regions it covers."""
-
-    name: str
-    regions: tuple[str, ...]
-    credentials: Credentials | None = None
-    role: RoleSpec | None = None
-    base: Credentials | None = None
-
-    def __post_init__(self) -> None:
-        if (self.credentials is None) == (self.role is None):
-            raise ValueError("an account has either its own key pair or a role")
-        if self.role is not None and self.base is None:
-            raise ValueError("a role account needs the base pair")
 
 
 class Settings(BaseModel):
@@ -456,41 +429,10 @@ class Settings(BaseModel):
         override: float | None = getattr(self, f"interval_{source}")
         return override if override is not None else self.interval
 
-    def credentials(self) -> Credentials:
-        """The API key pair; the simulator's demo pair for a local endpoint without one."""
-        if self.access_key and self.secret_key:
-            return Credentials(
-                self.access_key,
-                self.secret_key.get_secret_value(),
-                self.security_token.get_secret_value() if self.security_token else None,
-            )
-        from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
-
-        return Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY, None)
-
-    def configured_accounts(self) -> tuple[Account, ...]:
-        """The accounts to sync, in configuration order: the ``[[accounts]]`` of the TOML
-        file, else the one account of the base pair named ``IMAGE_SYNC_ACCOUNT``."""
-        if not self.accounts:
-            return (Account(self.account, self.regions, credentials=self.credentials()),)
-        base = self.credentials()
-        out = []
-        for entry in self.accounts:
-            regions = entry.regions or self.regions
-            if entry.role_jrn is not None:
-                role = RoleSpec(
-                    entry.role_jrn,
-                    entry.session_name or f"image-sync-{entry.name}",
-                    entry.duration_seconds,
-                )
-                out.append(Account(entry.name, regions, role=role, base=base))
-            elif entry.access_key and entry.secret_key is not None:
-                token = entry.security_token.get_secret_value() if entry.security_token else None
-                creds = Credentials(entry.access_key, entry.secret_key.get_secret_value(), token)
-                out.append(Account(entry.name, regions, credentials=creds))
-            else:
-                out.append(Account(entry.name, regions, credentials=base))
-        return tuple(out)
+    @property
+    def tick_interval(self) -> float:
+        """Seconds between the daemon's ticks: the shortest of the sources' intervals."""
+        return min(self.interval_for(source) for source in self.sources)
 
     def secret_values(self) -> list[str]:
         """Every secret the settings hold (for the log redactor); session tokens that STS
@@ -557,15 +499,6 @@ def check_variable_names(environ: Mapping[str, str], warn: Callable[[str], None]
             warn(f"{name}: not a variable of image-sync, ignored{_closest(name, known)}")
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """An access key pair; the secret never appears in ``repr``."""
-
-    access_key: str
-    secret_key: str = field(repr=False)
-    security_token: str | None = field(default=None, repr=False)
-
-
 def load_settings(
     environ: Mapping[str, str],
     config_file: Path | str | None = None,
@@ -593,8 +526,17 @@ def load_settings(
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if config_file is not None:
         raw["config"] = str(config_file)  # the file read, whichever way it was named
+    settings = _validated(raw)
+    settings = _webhook_secrets(settings, environ)
+    settings = _account_secrets(settings, environ)
+    _check_key_pairs(settings, needs_api=needs_api)
+    return settings
+
+
+def _validated(raw: dict[str, Any]) -> Settings:
+    """``Settings`` from the merged raw values; the first problem as one ConfigError."""
     try:
-        settings = Settings.model_validate(raw)
+        return Settings.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else ""
@@ -613,9 +555,13 @@ def load_settings(
             "endpoint",
         ) and isinstance(value, str | int | float):
             message = f"{message} (got {value!r})"
+        # Not chained: pydantic's error carries the input, which may be a secret.
         raise ConfigError(variable, message) from None
-    settings = _webhook_secrets(settings, environ)
-    settings = _account_secrets(settings, environ)
+
+
+def _check_key_pairs(settings: Settings, *, needs_api: bool) -> None:
+    """Half a key pair, a role without the base pair, or no key pair for a real endpoint
+    (where an account uses the base pair) is a ConfigError."""
     if bool(settings.access_key) != (settings.secret_key is not None):
         # Half a key pair is a mistake on any endpoint (the simulator's demo pair
         # would otherwise be used silently).
@@ -640,7 +586,6 @@ def load_settings(
             raise ConfigError(
                 "JDCLOUD_SECRET_KEY", f"required for the endpoint {settings.endpoint}"
             )
-    return settings
 
 
 FILE_VARIABLES = ("DATABASE_URL", "JDCLOUD_ACCESS_KEY", "JDCLOUD_SECRET_KEY")
@@ -660,7 +605,7 @@ def _read_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
             out[name] = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
-            raise ConfigError(f"{name}_FILE", f"cannot read {path}: {reason}") from None
+            raise ConfigError(f"{name}_FILE", f"cannot read {path}: {reason}") from exc
     return out
 
 
@@ -687,15 +632,15 @@ def _webhook_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
 def _read_toml(path: Path, name: str = "--config") -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(name, f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(name, f"{path} is a directory, not a TOML file") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(name, f"no such file: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(name, f"{path} is a directory, not a TOML file") from exc
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not text"
-        raise ConfigError(name, f"cannot read {path}: {reason}") from None
+        raise ConfigError(name, f"cannot read {path}: {reason}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(name, f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError(name, f"{path} is not valid TOML: {exc}") from exc
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key == "webhooks":  # [[webhooks]]: a list of tables, not a variable

@@ -26,8 +26,8 @@ Coordination between replicas lives in PostgreSQL only:
 Lifecycle: SIGTERM/SIGINT stop the scheduler and tell the run in hand to start no
 more partitions; the partitions in hand get ``grace_period`` seconds to finish, then
 the run is cancelled (their transactions roll back, the run is recorded
-``abandoned``). The pool and the HTTP session close and :func:`run_daemon` returns 0.
-A second signal exits at once.
+``abandoned``). :func:`service.app.run_daemon` builds the daemon on the runtime, with
+the status server beside it, and owns the signals, the pool and the HTTP session.
 """
 
 from __future__ import annotations
@@ -37,30 +37,27 @@ import contextlib
 import enum
 import logging
 import math
-import os
 import random
-import signal
 import time
-from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
+import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from service.config import Settings
 from service.errors import AuthError, DatabaseError, SchemaNotCurrent
+from service.jdcloud.client import ImagesClient
+from service.jdcloud.listing import Partition, partitions_of
 from service.metrics import Metrics
-from service.runtime import Runtime, open_runtime
 from service.store import migrate
-from service.store.engine import describe_error
+from service.store.engine import Engine
 from service.store.feed import listen
-from service.store.registry import register_configuration
-from service.store.runs import mark_abandoned, prune_runs
-from service.sync import Partition, SyncReport, sync_once
+from service.store.runs import last_successes, prune_runs
+from service.sync import SyncReport, sync_once
 from service.webhooks import Dispatcher, subscribers_of
 
-__all__ = ["Daemon", "DaemonState", "run_daemon"]
+__all__ = ["Daemon", "DaemonState"]
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +65,6 @@ JITTER_FRACTION = 0.1
 """Jitter added to each tick, as a fraction of the tick interval ..."""
 MAX_JITTER = 30.0
 """... and at most this many seconds."""
-LAST_SUCCESS_SQL = """
-SELECT region_id, image_source,
-       extract(epoch FROM max(finished_at))::double precision AS last_success
-  FROM inventory.sync_partitions
- WHERE status = 'succeeded'
- GROUP BY region_id, image_source
-"""
 
 
 class DaemonState(enum.Enum):
@@ -85,13 +75,23 @@ class DaemonState(enum.Enum):
 
 
 class Daemon:
-    """Scheduled syncs on one :class:`~service.runtime.Runtime` (which the caller owns)."""
+    """Scheduled syncs with the parts of a runtime (:func:`service.app.open_runtime`),
+    which the caller owns and closes."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings: Settings = runtime.settings
-        self.partitions: list[Partition] = runtime.partitions()
-        self.tick_interval = min(self.settings.interval_for(s) for s in self.settings.sources)
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        client: ImagesClient,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = client
+        self.metrics = metrics
+        self.partitions: list[Partition] = partitions_of(settings.regions, settings.sources)
+        self.tick_interval = settings.tick_interval
         self.jitter = min(self.tick_interval * JITTER_FRACTION, MAX_JITTER)
         self.state = DaemonState.CREATED
         self.schema_ok = True
@@ -104,12 +104,12 @@ class Daemon:
         subscribers = subscribers_of(self.settings)
         self.webhooks = (
             Dispatcher(
-                runtime.database.engine,
-                runtime.session,
+                engine,
+                session,
                 subscribers,
-                max_attempts=self.settings.webhook_max_attempts,
-                timeout=self.settings.webhook_timeout,
-                metrics=runtime.metrics,
+                max_attempts=settings.webhook_max_attempts,
+                timeout=settings.webhook_timeout,
+                metrics=metrics,
             )
             if subscribers
             else None
@@ -135,21 +135,15 @@ class Daemon:
 
     async def due_partitions(self, cutoffs: dict[Partition, float]) -> list[Partition]:
         """The configured partitions whose last success finished before their cutoff."""
-        async with self.runtime.database.engine.connect() as conn:
-            rows = (await conn.execute(sa.text(LAST_SUCCESS_SQL))).all()
-        last = {(r.region_id, r.image_source): r.last_success for r in rows}
-        return [
-            p
-            for p in self.partitions
-            if (at := last.get((p.region, p.source))) is None or at <= cutoffs[p]
-        ]
+        last = await last_successes(self.engine)
+        return [p for p in self.partitions if (at := last.get(p)) is None or at <= cutoffs[p]]
 
     async def tick(self, *, aligned: bool = True) -> SyncReport | None:
         """One tick: sync the due partitions. Never raises for expected failures (the
         next tick retries); returns the run's report, or None when nothing ran."""
         if self._stop.is_set():
             return None
-        engine = self.runtime.database.engine
+        engine = self.engine
         now = time.time()
         cutoffs = {p: self.due_after(p, now, aligned=aligned) for p in self.partitions}
 
@@ -172,8 +166,8 @@ class Daemon:
                 log.error("tick: syncs paused: %s", exc)
             self.schema_ok = False
             return None
-        except (OSError, sa.exc.SQLAlchemyError) as exc:
-            log.error("tick: database unavailable: %s", describe_error(exc, str(engine.url)))
+        except DatabaseError as exc:
+            log.error("tick: database unavailable: %s", exc)
             return None
         if self._stop.is_set():
             return None
@@ -184,11 +178,11 @@ class Daemon:
         try:
             report = await sync_once(
                 engine,
-                self.runtime.client,
+                self.client,
                 due,
                 page_size=self.settings.page_size,
                 trigger="schedule",
-                metrics=self.runtime.metrics,
+                metrics=self.metrics,
                 fresh_within=fresh_within,
                 stop=self._draining,
             )
@@ -263,15 +257,14 @@ class Daemon:
                 await relay
 
     async def _relay_notifications(self) -> None:
-        engine = self.runtime.database.engine
         while not self._stop.is_set():
             try:
-                async with listen(engine) as queue:
+                async with listen(self.engine) as queue:
                     while True:
                         await queue.get()
                         self._wake_webhooks.set()
-            except (OSError, sa.exc.SQLAlchemyError) as exc:
-                log.warning("webhooks: cannot LISTEN: %s", describe_error(exc, str(engine.url)))
+            except DatabaseError as exc:
+                log.warning("webhooks: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.tick_interval)
 
@@ -340,66 +333,3 @@ class Daemon:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean stop. Raises DatabaseError (and its
-    SchemaNotCurrent) when the database is unusable at start."""
-    loop = asyncio.get_running_loop()
-    signals: list[signal.Signals] = []
-    daemon: Daemon | None = None
-    early_stop = asyncio.Event()
-
-    def on_signal(signum: signal.Signals) -> None:
-        if early_stop.is_set() or (daemon is not None and daemon.stopping):
-            log.warning("second %s: exiting at once", signum.name)
-            logging.shutdown()
-            os._exit(128 + signum)
-        log.info("%s received: stopping", signum.name)
-        early_stop.set()
-        if daemon is not None:
-            daemon.request_stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-        signals.append(signum)
-    metrics = Metrics()
-    try:
-        async with AsyncExitStack() as stack:
-            runtime = await stack.enter_async_context(
-                open_runtime(settings, metrics=metrics, apply_migrations=apply_migrations)
-            )
-            abandoned = await _mark_abandoned(runtime)
-            if abandoned:
-                log.info("marked %d run(s) of stopped processes as abandoned", abandoned)
-            daemon = Daemon(runtime)
-            await register_configuration(
-                runtime.database.engine, [(p.region, p.source) for p in daemon.partitions]
-            )
-            if early_stop.is_set():
-                daemon.request_stop()
-            address = settings.http_address
-            if address is not None:
-                from service.web.server import start_status_server
-
-                await stack.enter_async_context(start_status_server(daemon, *address))
-            metrics.up.set(1)
-            try:
-                await daemon.serve()
-            finally:
-                metrics.up.set(0)
-        log.info("daemon stopped")
-        return 0
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-
-
-async def _mark_abandoned(runtime: Runtime) -> int:
-    engine = runtime.database.engine
-    try:
-        return await mark_abandoned(engine)
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise DatabaseError(
-            f"cannot check for abandoned runs: {describe_error(exc, str(engine.url))}"
-        ) from None

@@ -40,7 +40,18 @@ class ListenError(ImageSyncError):
 
 
 class DatabaseError(ImageSyncError):
-    """The database could not be reached or a statement failed."""
+    """The database could not be reached or a statement failed.
+
+    Raised by the store ``from`` the driver's error (``service.store.engine.database_errors``).
+    ``kind`` is the driver's error class (e.g. ``ConnectionRefusedError``: it names no
+    host), ``refused`` true when the server answered and refused the statement (e.g.
+    permission denied) rather than not answering.
+    """
+
+    def __init__(self, message: str, *, kind: str | None = None, refused: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind or type(self).__name__
+        self.refused = refused
 
 
 class SchemaNotCurrent(DatabaseError):

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.store.tables import EVENT_TYPES, PARTITION_STATUSES
+from service.vocabulary import EVENT_TYPES, PARTITION_STATUSES
 
 _DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -28,7 +28,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._api_and_sync_metrics(self.registry)
+        self._database_gauges(self.registry)
+        self._webhook_metrics(self.registry)
+
+    def _api_and_sync_metrics(self, r: CollectorRegistry) -> None:
+        """Counted where things happen: the API client and the sync."""
         self.api_requests = Counter(
             "image_sync_api_requests",
             "describeImages requests by region and HTTP status ('error' for network failures).",
@@ -72,6 +77,10 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)
+
+    def _database_gauges(self, r: CollectorRegistry) -> None:
+        """Read from the database when the status server is scraped."""
         self.images = Gauge(
             "image_sync_images",
             "Listed images in the database by region, source and offline state.",
@@ -91,7 +100,9 @@ class Metrics:
             ["region", "source"],
             registry=r,
         )
-        self.up = Gauge("image_sync_up", "1 while the daemon runs.", registry=r)
+
+    def _webhook_metrics(self, r: CollectorRegistry) -> None:
+        """Delivery of the change feed to webhook subscribers."""
         self.webhook_deliveries = Counter(
             "image_sync_webhook_deliveries",
             "Webhook batches acknowledged (2xx), by subscriber.",

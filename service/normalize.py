@@ -19,6 +19,7 @@ which covers the describeImages object alone.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -109,8 +110,19 @@ class ImageRow:
     disks: tuple[DiskRow, ...]
 
 
-IMAGE_COLUMNS = tuple(f for f in ImageRow.__slots__ if f not in ("raw_json", "disks"))
+# The one list of the images' and disks' columns: the fields of ImageRow and DiskRow.
+# The COPY records below, the staging tables (service.store.apply, typed from
+# service.store.tables) and the merge's statements are built from these names;
+# tests/test_columns.py fails when inventory.images or inventory.image_disks drifts
+# from them.
+IMAGE_COLUMNS: tuple[str, ...] = tuple(
+    f for f in ImageRow.__slots__ if f not in ("raw_json", "disks")
+)
+"""The columns of ``inventory.images`` that describeImages fills, in ImageRow's order."""
 DISK_COLUMNS: tuple[str, ...] = DiskRow.__slots__
+"""The columns of ``inventory.image_disks`` after the image key, in DiskRow's order."""
+_image_record = operator.attrgetter(*IMAGE_COLUMNS, "raw_json")
+_disk_record = operator.attrgetter(*DISK_COLUMNS)
 
 TRACKED_FIELDS: tuple[str, ...] = (
     "image_source", "name", "platform", "os_version", "architecture", "os_type", "status",
@@ -354,21 +366,9 @@ def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow |
     raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
     if len(raw) > MAX_ITEM_BYTES or b"\\u0000" in raw:
         return None
-    disks: list[DiskRow] = []
-    system, data = get("systemDisk"), get("dataDisks")
-    if system is not None:
-        disk = _plain_disk(system, 0)
-        if disk is None:
-            return None
-        disks.append(disk)
-    if data is not None:
-        if data.__class__ is not list:
-            return None
-        for position, attachment in enumerate(data, start=1):
-            disk = _plain_disk(attachment, position)
-            if disk is None:
-                return None
-            disks.append(disk)
+    disks = _plain_disks(get("systemDisk"), get("dataDisks"))
+    if disks is None:
+        return None
     (name, platform, os_version, architecture, os_type, status, description, owner_pin,
      launch_permission, root_device_type, snapshot_id, boot_mode, create_time, login_name,
      instance_id, expired_time) = texts  # fmt: skip
@@ -385,12 +385,58 @@ def _normalize_plain(item: Any, region_id: str, image_source: str) -> ImageRow |
     )  # fmt: skip
 
 
+def _plain_disks(system: Any, data: Any) -> list[DiskRow] | None:
+    """The disks of :func:`_normalize_plain`'s item; None when one needs the careful path."""
+    disks: list[DiskRow] = []
+    if system is not None:
+        disk = _plain_disk(system, 0)
+        if disk is None:
+            return None
+        disks.append(disk)
+    if data is not None:
+        if data.__class__ is not list:
+            return None
+        for position, attachment in enumerate(data, start=1):
+            disk = _plain_disk(attachment, position)
+            if disk is None:
+                return None
+            disks.append(disk)
+    return disks
+
+
 def _charge(charge: dict[str, Any] | None) -> tuple[str | None, str | None]:
     """(serviceCode, formula as JSON) of an already validated ``chargeInfo``."""
     if charge is None:
         return None, None
     formula = charge.get("formula")
     return charge.get("serviceCode"), None if formula is None else orjson.dumps(formula).decode()
+
+
+def _careful_raw(item: dict[str, Any], image_id: str) -> bytes:
+    """The item serialised with sorted keys (the ``raw`` column), or InvalidItem."""
+    try:
+        raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:  # pragma: no cover - items come from JSON, always serialisable
+        raise InvalidItem(f"not serialisable: {exc}", image_id) from exc
+    if len(raw) > MAX_ITEM_BYTES:
+        raise InvalidItem(f"object of {len(raw)} bytes is larger than {MAX_ITEM_BYTES}", image_id)
+    if b"\\u0000" in raw:
+        raise InvalidItem("contains a NUL character, which PostgreSQL cannot store", image_id)
+    return raw
+
+
+def _careful_disks(item: dict[str, Any], image_id: str) -> list[DiskRow]:
+    """The system disk (position 0) and the data disks, or InvalidItem."""
+    system = item.get("systemDisk")
+    data = item.get("dataDisks")
+    if data is not None and not isinstance(data, list):
+        raise InvalidItem("dataDisks should be a list", image_id)
+    disks: list[DiskRow] = []
+    if system is not None:
+        disks.append(_disk(system, 0, image_id))
+    for position, attachment in enumerate(data or (), start=1):
+        disks.append(_disk(attachment, position, image_id))
+    return disks
 
 
 def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> ImageRow:
@@ -402,24 +448,8 @@ def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> Image
         raise InvalidItem("imageId missing or not a string")
     if len(image_id) > 128:
         raise InvalidItem("imageId longer than 128 characters", image_id[:40])
-    try:
-        raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-    except TypeError as exc:  # pragma: no cover - items come from JSON, always serialisable
-        raise InvalidItem(f"not serialisable: {exc}", image_id) from None
-    if len(raw) > MAX_ITEM_BYTES:
-        raise InvalidItem(f"object of {len(raw)} bytes is larger than {MAX_ITEM_BYTES}", image_id)
-    if b"\\u0000" in raw:
-        raise InvalidItem("contains a NUL character, which PostgreSQL cannot store", image_id)
-
-    system = item.get("systemDisk")
-    data = item.get("dataDisks")
-    if data is not None and not isinstance(data, list):
-        raise InvalidItem("dataDisks should be a list", image_id)
-    disks: list[DiskRow] = []
-    if system is not None:
-        disks.append(_disk(system, 0, image_id))
-    for position, attachment in enumerate(data or (), start=1):
-        disks.append(_disk(attachment, position, image_id))
+    raw = _careful_raw(item, image_id)
+    disks = _careful_disks(item, image_id)
 
     charge = _object(item, "chargeInfo", image_id)
     if charge is not None:
@@ -462,11 +492,9 @@ def _normalize_careful(item: Any, *, region_id: str, image_source: str) -> Image
 
 def image_record(row: ImageRow) -> tuple[Any, ...]:
     """The row as a tuple in :data:`IMAGE_COLUMNS` order plus ``raw`` (for COPY)."""
-    return (
-        row.region_id, row.image_id, row.image_source, row.name, row.platform,
-        row.os_version, row.architecture, row.os_type, row.status, row.description,
-        row.owner_pin, row.launch_permission, row.root_device_type, row.snapshot_id,
-        row.boot_mode, row.system_disk_size_gb, row.size_mb, row.progress, row.created_at,
-        row.offline, row.login_name, row.imported, row.expired_at, row.instance_id,
-        row.charge_service_code, row.charge_formula, row.content_hash, row.raw_json,
-    )  # fmt: skip
+    return _image_record(row)
+
+
+def disk_record(disk: DiskRow) -> tuple[Any, ...]:
+    """The disk as a tuple in :data:`DISK_COLUMNS` order (for COPY)."""
+    return _disk_record(disk)

@@ -21,8 +21,9 @@ from rich.progress import (
     Progress as RichBars,
 )
 
-from service.jdcloud.listing import Listing
-from service.sync import Partition, PartitionReport, Progress
+from service.ingest import Progress
+from service.jdcloud.listing import Listing, Partition
+from service.store.runs import PartitionReport
 
 
 class BarsProgress(Progress):

@@ -5,31 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.store import status
+from service.store.engine import Engine, connect
 from service.store.feed import subscriber_statuses
-
-HEALTH_SQL = """
-SELECT region_id, image_source, last_status, last_success_at, age_seconds,
-       last_error_status, last_error_message, configured
-  FROM inventory.sync_health ORDER BY region_id, image_source
-"""
-RUNS_SQL = """
-SELECT run_id, started_at, finished_at, status, trigger, host, partitions, partitions_failed,
-       api_requests, retries, images_seen, created, updated, went_offline, came_online,
-       removed, reappeared, error_message,
-       created + updated + went_offline + came_online + removed + reappeared AS events
-  FROM inventory.sync_runs ORDER BY run_id DESC LIMIT :n
-"""
-SUMMARY_SQL = """
-SELECT region_id, image_source, sum(images)::bigint AS images,
-       coalesce(sum(images) FILTER (WHERE offline), 0)::bigint AS offline
-  FROM inventory.inventory_summary GROUP BY region_id, image_source ORDER BY 1, 2
-"""
 
 
 def _age(seconds: float | None) -> str:
@@ -47,13 +29,8 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-async def fetch(engine: AsyncEngine, sql: str, **params: Any) -> list[sa.Row[Any]]:
-    async with engine.connect() as conn:
-        return list((await conn.execute(sa.text(sql), params)).all())
-
-
 RUN_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # (header, RUNS_SQL column, where: "all" widths, "wide" only, "narrow" only)
+    # (header, RunRow field, where: "all" widths, "wide" only, "narrow" only)
     ("run", "run_id", "all"),
     ("started", "started_at", "all"),
     ("status", "status", "all"),
@@ -95,10 +72,9 @@ def _json_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-async def status_document(engine: AsyncEngine, *, runs: int = 10) -> dict[str, Any]:
+async def status_document(engine: Engine, *, runs: int = 10) -> dict[str, Any]:
     """``image-sync status --json``: the configured partitions' health and recent runs."""
-    health = await fetch(engine, HEALTH_SQL)
-    recent = await fetch(engine, RUNS_SQL, n=runs)
+    health, recent = await status.status_tables(engine, runs)
     return {
         "partitions": [
             {k: _json_value(getattr(r, k)) for k in STATUS_JSON_KEYS["partitions"]} for r in health
@@ -107,10 +83,9 @@ async def status_document(engine: AsyncEngine, *, runs: int = 10) -> dict[str, A
     }
 
 
-async def print_status(
-    engine: AsyncEngine, *, runs: int = 10, console: Console | None = None
-) -> None:
+async def print_status(engine: Engine, *, runs: int = 10, console: Console | None = None) -> None:
     console = console or Console()
+    health_rows, run_rows = await status.status_tables(engine, runs)
     wide = console.width >= WIDE_CONSOLE
     health = Table(title="Partition health", title_justify="left", box=box.SIMPLE_HEAD)
     health.add_column("partition", no_wrap=True)
@@ -119,7 +94,7 @@ async def print_status(
         health.add_column("last success", no_wrap=True)
     health.add_column("age", justify="right", no_wrap=True)
     health.add_column("error", overflow="fold")
-    for r in await fetch(engine, HEALTH_SQL):
+    for r in health_rows:
         error = f"{r.last_error_status}: {r.last_error_message}" if r.last_error_status else ""
         success = r.last_success_at.isoformat(timespec="seconds") if r.last_success_at else "never"
         cells = [f"{r.region_id}/{r.image_source}", r.last_status or "not synced"]
@@ -138,22 +113,22 @@ async def print_status(
             justify="left" if column in ("status", "trigger", "host", "started_at") else "right",
             no_wrap=column != "host",
         )
-    for r in await fetch(engine, RUNS_SQL, n=runs):
-        table.add_row(*(_run_cell(r, column, wide) for _, column in shown))
+    for run in run_rows:
+        table.add_row(*(_run_cell(run, column, wide) for _, column in shown))
     console.print(table)
     await _print_webhooks(engine, console)
 
 
-def _run_cell(row: Any, column: str, wide: bool) -> str:
+def _run_cell(row: status.RunRow, column: str, wide: bool) -> str:
     value = getattr(row, column)
     if column == "started_at":
         return str(value.isoformat(timespec="seconds") if wide else value.strftime("%m-%d %H:%M"))
     return str(value)
 
 
-async def _print_webhooks(engine: AsyncEngine, console: Console) -> None:
+async def _print_webhooks(engine: Engine, console: Console) -> None:
     """Webhook subscribers, when any are stored: failing ones first catch the eye."""
-    async with engine.connect() as conn:
+    async with connect(engine, "cannot read the webhook subscribers") as conn:
         statuses = await subscriber_statuses(conn)
     if not statuses:
         return

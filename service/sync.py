@@ -1,10 +1,14 @@
 """One sync: every partition listed, staged and merged; the run recorded.
 
 :func:`sync_once` is the only function that syncs; the CLI, the scheduler, the demo
-and the benchmark call it. Partitions run concurrently (within a bound) and each is
-applied in its own transaction, so a failure rolls back only its partition. A failed
-or incomplete partition never removes anything; a complete one removes only images
-the API no longer returns by id. A 401/403 stops the whole run.
+and the benchmark call it. This module runs a run: the run record and its liveness
+lock, the fan-out over partitions, the abort when the credentials are refused, the
+totals, log lines and metrics. Taking in a partition's pages (validation,
+de-duplication, the unchanged-hash skip) is :mod:`service.ingest`'s job. Partitions
+run concurrently (within a bound) and each is applied in its own transaction, so a
+failure rolls back only its partition. A failed or incomplete partition never removes
+anything; a complete one removes only images the API no longer returns by id. A
+401/403 stops the whole run.
 """
 
 from __future__ import annotations
@@ -12,24 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from service.config import OFFLINE_SOURCES
-from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError, PermanentApiError
-from service.jdcloud.client import ImagesClient, RequestStats, is_plain_image_id
-from service.jdcloud.listing import Listing, ListingOutcome, list_pages
+from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
+from service.ingest import PartitionIntake, Progress
+from service.jdcloud.client import ImagesClient, RequestStats
+from service.jdcloud.listing import Partition
 from service.metrics import Metrics
-from service.normalize import ImageExtras, ImageRow, InvalidItem, content_hash, normalize_image
-from service.store.apply import MergeCounts, PartitionWriter
-from service.store.engine import describe_error
+from service.store.apply import PartitionWriter
+from service.store.engine import Connection, Engine, connect, transaction
 from service.store.runs import (
-    PartitionRecord,
+    PartitionReport,
     finish_run,
     mark_abandoned,
     record_partition,
@@ -37,60 +36,9 @@ from service.store.runs import (
     release_run,
     start_run,
 )
-from service.store.tables import EVENT_TYPES
+from service.vocabulary import EVENT_TYPES, NOT_RECORDED
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
-
-MAX_LISTING_PASSES = 3
-"""How many times a drifting listing is read before the partition is incomplete."""
-MAX_REPORTED_INVALID = 20
-"""Invalid items logged per partition (all are counted)."""
-_NOT_RECORDED = {
-    "skipped_fresh": "skipped: another process synced it moments ago",
-    "not_started": "not started: shutting down",
-}
-"""Partition outcomes that leave no row in sync_partitions, with their debug line."""
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Partition:
-    """One (region, source) pair."""
-
-    region: str
-    source: str
-
-    def __str__(self) -> str:
-        return f"{self.region}/{self.source}"
-
-    def listings(self) -> tuple[Listing, ...]:
-        if self.source in OFFLINE_SOURCES:
-            return (
-                Listing(self.region, self.source, False, 0),
-                Listing(self.region, self.source, True, 1),
-            )
-        return (Listing(self.region, self.source, None, 0),)
-
-
-def partitions_of(regions: Sequence[str], sources: Sequence[str]) -> list[Partition]:
-    return [Partition(r, s) for r in regions for s in sources]
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionReport:
-    """The outcome of one partition in one run."""
-
-    partition: Partition
-    status: str
-    counts: MergeCounts = field(default_factory=MergeCounts)
-    pages: int = 0
-    api_requests: int = 0
-    retries: int = 0
-    total_count: int | None = None
-    invalid_items: int = 0
-    error_status: str | None = None
-    error_message: str | None = None
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,35 +59,23 @@ class SyncReport:
         return sum(getattr(p.counts, name) for p in self.partitions)
 
 
-class Progress:
-    """Receives progress callbacks; the CLI renders them, the daemon ignores them."""
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What every partition of one run shares."""
 
-    def partition_started(self, partition: Partition) -> None: ...
-    def pages(self, partition: Partition, listing: Listing, done: int, total: int) -> None: ...
-    def partition_finished(self, report: PartitionReport) -> None: ...
-
-
-@dataclass
-class _Staged:
-    """Per-partition bookkeeping while pages stream into staging."""
-
-    invalid: int = 0
-    invalid_without_id: int = 0
-    keep_ids: set[str] = field(default_factory=set)
-    # (listing, imageId or "#n" for the n-th idless item): each bad item counted and
-    # logged once, however many passes re-read its listing.
-    invalid_seen: set[tuple[int, str]] = field(default_factory=set)
-    outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
-    seen: dict[int, set[str]] = field(default_factory=dict)  # listing -> ids of its last pass
-    # image_id -> stored content hash of the partition's listed images: an item whose
-    # hash is unchanged is only recorded as seen, not normalised or staged in full.
-    known: dict[str, bytes] = field(default_factory=dict)
-    # listing -> ids (of its last pass) that other image APIs are asked about.
-    extras_ids: dict[int, list[str]] = field(default_factory=dict)
+    engine: Engine
+    client: ImagesClient
+    run_id: int
+    started: float
+    page_size: int
+    progress: Progress
+    metrics: Metrics | None
+    fresh_within: Callable[[Partition], float] | None
+    stop: asyncio.Event | None
 
 
 async def sync_once(
-    engine: AsyncEngine,
+    engine: Engine,
     client: ImagesClient,
     partitions: Sequence[Partition],
     *,
@@ -164,113 +100,117 @@ async def sync_once(
     back and the run is recorded as ``abandoned``.
     """
     started = time.monotonic()
-    progress = progress or Progress()
-    try:
-        await mark_abandoned(engine)
-        lock_conn = await engine.connect()
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise DatabaseError(f"cannot start a run: {describe_error(exc, str(engine.url))}") from None
-    run_id: int | None = None
-    try:
+    await mark_abandoned(engine)
+    async with connect(engine, "cannot start a run", autocommit=True) as lock_conn:
+        run_id = await start_run(lock_conn, trigger=trigger)
         try:
-            await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
-            run_id = await start_run(lock_conn, trigger=trigger)
-        except (OSError, sa.exc.SQLAlchemyError) as exc:
-            raise DatabaseError(
-                f"cannot start a run: {describe_error(exc, str(engine.url))}"
-            ) from None
-        log.info("run %d started: %d partitions", run_id, len(partitions))
-        gate = asyncio.Semaphore(max(1, partition_concurrency))
-        auth_failure: list[AuthError] = []
-
-        async def one(partition: Partition) -> PartitionReport:
-            async with gate:
-                if stop is not None and stop.is_set():
-                    return PartitionReport(partition, "not_started")
-                return await _sync_partition(
-                    engine, client, partition, run_id, page_size, progress, fresh_within
-                )
-
-        tasks = [asyncio.ensure_future(one(p)) for p in partitions]
-        reports: list[PartitionReport] = []
-        error: str | None = None
-        try:
-            for done in asyncio.as_completed(tasks):
-                try:
-                    report = await done
-                except AuthError as exc:
-                    auth_failure.append(exc)
-                    error = f"the API refused the credentials: {exc}"
-                    for task in tasks:
-                        task.cancel()
-                    break
-                reports.append(report)
-                _observe(metrics, report)
-                progress.partition_finished(report)
-        except BaseException as exc:
-            # Shutdown (cancelled) or a bug in one partition: the partitions in hand roll
-            # back and the run is closed now, not left running until mark_abandoned.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if isinstance(exc, asyncio.CancelledError):
-                status, why = "abandoned", "cancelled (shutdown) before it finished"
-            else:
-                log.error("run %d: unexpected error", run_id, exc_info=exc)
-                status, why = "failed", f"internal error: {type(exc).__name__}"
-            with suppress(OSError, sa.exc.SQLAlchemyError):
-                await asyncio.shield(
-                    finish_run(
-                        engine, run_id, status=status, totals=_totals(_recorded(reports)), error=why
-                    )
-                )
-            raise
+            log.info("run %d started: %d partitions", run_id, len(partitions))
+            run = _Run(
+                engine=engine,
+                client=client,
+                run_id=run_id,
+                started=started,
+                page_size=page_size,
+                progress=progress or Progress(),
+                metrics=metrics,
+                fresh_within=fresh_within,
+                stop=stop,
+            )
+            reports, refusal = await _fan_out(run, partitions, partition_concurrency)
+            if refusal is not None:
+                for report in await _record_refused(run, partitions, reports, refusal):
+                    reports.append(report)
+                    _finished(run, report)
+            result = await _finish(run, reports, refusal)
+            if refusal is not None:
+                raise refusal  # the client's own error: its cause and retry_after kept
+            return result
         finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if auth_failure:
-            for report in await _record_refused(
-                engine, run_id, partitions, reports, auth_failure[0], started
-            ):
-                reports.append(report)
-                _observe(metrics, report)
-                progress.partition_finished(report)
-        seconds = time.monotonic() - started
-        reports = _recorded(reports)
-        status = _run_status(reports, auth_failed=bool(auth_failure))
-        totals = _totals(reports)
-        try:
-            await finish_run(engine, run_id, status=status, totals=totals, error=error)
-        except (OSError, sa.exc.SQLAlchemyError) as exc:
-            # The database went away during the run: one clear line, not a driver error.
-            raise DatabaseError(
-                f"run {run_id} ended {status} but could not be recorded: "
-                f"{describe_error(exc, str(engine.url))}"
-            ) from None
-        if metrics:
-            metrics.run_duration.observe(seconds)
-        log.info(
-            "run %d %s in %.1fs: %s",
-            run_id,
-            status,
-            seconds,
-            ", ".join(f"{k}={v}" for k, v in totals.items() if k != "partitions"),
-        )
-        result = SyncReport(
-            run_id, status, tuple(sorted(reports, key=lambda r: r.partition)), seconds, error
-        )
-        if auth_failure:
-            raise auth_failure[0]  # the client's own error: its cause and retry_after kept
-        return result
-    finally:
-        if run_id is not None:
             await release_run(lock_conn, run_id)
-        await lock_conn.close()
+
+
+async def _fan_out(
+    run: _Run, partitions: Sequence[Partition], concurrency: int
+) -> tuple[list[PartitionReport], AuthError | None]:
+    """Sync the partitions, at most ``concurrency`` at once; the reports in completion
+    order, and the refusal that cut the run short (the others are cancelled then)."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(partition: Partition) -> PartitionReport:
+        async with gate:
+            if run.stop is not None and run.stop.is_set():
+                return PartitionReport(partition, "not_started")
+            return await _sync_partition(run, partition)
+
+    tasks = [asyncio.ensure_future(one(p)) for p in partitions]
+    reports: list[PartitionReport] = []
+    try:
+        for done in asyncio.as_completed(tasks):
+            try:
+                report = await done
+            except AuthError as exc:
+                for task in tasks:
+                    task.cancel()
+                return reports, exc
+            reports.append(report)
+            _finished(run, report)
+    except BaseException as exc:
+        # Shutdown (cancelled) or a bug in one partition: the partitions in hand roll
+        # back and the run is closed now, not left running until mark_abandoned.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_cut_short(run, reports, exc)
+        raise
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return reports, None
+
+
+async def _close_cut_short(
+    run: _Run, reports: Sequence[PartitionReport], exc: BaseException
+) -> None:
+    """Record a run cut short by a cancellation (``abandoned``) or a bug (``failed``)."""
+    if isinstance(exc, asyncio.CancelledError):
+        status, why = "abandoned", "cancelled (shutdown) before it finished"
+    else:
+        log.error("run %d: unexpected error", run.run_id, exc_info=exc)
+        status, why = "failed", f"internal error: {type(exc).__name__}"
+    with suppress(DatabaseError):
+        await asyncio.shield(
+            finish_run(
+                run.engine, run.run_id, status=status, totals=_totals(_recorded(reports)), error=why
+            )
+        )
+
+
+async def _finish(
+    run: _Run, reports: Sequence[PartitionReport], refusal: AuthError | None
+) -> SyncReport:
+    """Close the run record with its status and totals; log and measure it."""
+    seconds = time.monotonic() - run.started
+    recorded = _recorded(reports)
+    status = _run_status(recorded, auth_failed=refusal is not None)
+    totals = _totals(recorded)
+    error = None if refusal is None else f"the API refused the credentials: {refusal}"
+    await finish_run(run.engine, run.run_id, status=status, totals=totals, error=error)
+    if run.metrics:
+        run.metrics.run_duration.observe(seconds)
+    log.info(
+        "run %d %s in %.1fs: %s",
+        run.run_id,
+        status,
+        seconds,
+        ", ".join(f"{k}={v}" for k, v in totals.items() if k != "partitions"),
+    )
+    return SyncReport(
+        run.run_id, status, tuple(sorted(recorded, key=lambda r: r.partition)), seconds, error
+    )
 
 
 def _recorded(reports: Sequence[PartitionReport]) -> list[PartitionReport]:
     """The reports that have a ``sync_partitions`` row (and count in the run's totals)."""
-    return [r for r in reports if r.status not in _NOT_RECORDED]
+    return [r for r in reports if r.status not in NOT_RECORDED]
 
 
 def _run_status(reports: Sequence[PartitionReport], *, auth_failed: bool) -> str:
@@ -296,10 +236,16 @@ def _totals(reports: Sequence[PartitionReport]) -> dict[str, int]:
     return totals
 
 
+def _finished(run: _Run, report: PartitionReport) -> None:
+    """A partition's outcome: its log line, its metrics, the progress display."""
+    _observe(run.metrics, report)
+    run.progress.partition_finished(report)
+
+
 def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
     p = report.partition
-    if report.status in _NOT_RECORDED:
-        log.debug("partition %s %s", p, _NOT_RECORDED[report.status])
+    if report.status in NOT_RECORDED:
+        log.debug("partition %s %s", p, NOT_RECORDED[report.status])
         return
     line = (
         f"partition {p} {report.status} in {report.seconds:.2f}s: pages={report.pages} "
@@ -326,132 +272,82 @@ def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
             metrics.events.labels(event_type).inc(count)
 
 
-async def _sync_partition(
-    engine: AsyncEngine,
-    client: ImagesClient,
-    partition: Partition,
-    run_id: int,
-    page_size: int,
-    progress: Progress,
-    fresh_within: Callable[[Partition], float] | None = None,
-) -> PartitionReport:
+async def _sync_partition(run: _Run, partition: Partition) -> PartitionReport:
+    """One partition in its own transaction; its outcome, recorded. Raises only
+    :class:`AuthError` (the run stops) and cancellation."""
     started = time.monotonic()
     stats = RequestStats()
-    staged = _Staged()
-    status = "failed"
-    report: PartitionReport
-    progress.partition_started(partition)
+    intake = PartitionIntake(
+        run.client, partition, page_size=run.page_size, stats=stats, progress=run.progress
+    )
+    run.progress.partition_started(partition)
+    failure: tuple[str, str] | None = None
     try:
-        async with engine.connect() as conn, conn.begin():
-            writer = PartitionWriter(conn, region=partition.region, source=partition.source)
-            if not await writer.try_lock():
-                report = PartitionReport(partition, "skipped_locked")
-            elif fresh_within is not None and await writer.succeeded_within(
-                fresh_within(partition)
-            ):
-                report = PartitionReport(partition, "skipped_fresh")
-            else:
-                await writer.open()
-                staged.known = await writer.listed_hashes()
-                stage_lock = asyncio.Lock()
-                settled = await _gather_or_cancel(
-                    *(
-                        _list_until_settled(
-                            client,
-                            writer,
-                            listing,
-                            staged,
-                            stats,
-                            page_size,
-                            stage_lock,
-                            progress,
-                            partition,
-                        )
-                        for listing in partition.listings()
-                    )
-                )
-                if partition.source in EXTRA_SOURCES:
-                    ids = sorted({i for ids in staged.extras_ids.values() for i in ids})
-                    extras, vanished = await fetch_extras(client, partition, ids, stats)
-                    # Deleted between its listing and its members call: keep what is
-                    # stored (the next sync sees it gone), no spurious change of shares.
-                    await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
-                complete = all(settled) and staged.invalid_without_id == 0
-                if complete:
-                    staged.keep_ids |= await _still_there(client, partition, staged, stats)
-                counts = await writer.merge(
-                    run_id=run_id, remove_missing=complete, keep_ids=sorted(staged.keep_ids)
-                )
-                status = "succeeded" if complete else "incomplete"
-                message = None
-                if not all(settled):
-                    message = (
-                        f"the listing kept changing while it was read ({MAX_LISTING_PASSES} passes): "
-                        "nothing was removed"
-                    )
-                elif staged.invalid_without_id:
-                    message = (
-                        f"{staged.invalid_without_id} items without a usable imageId: "
-                        "nothing was removed"
-                    )
-                report = PartitionReport(
-                    partition,
-                    status,
-                    counts,
-                    pages=stats.pages,
-                    api_requests=stats.requests,
-                    retries=stats.retries,
-                    total_count=sum(o.total_count for o in staged.outcomes.values()),
-                    invalid_items=staged.invalid,
-                    error_status="DRIFT"
-                    if message and not all(settled)
-                    else ("INVALID_ITEMS" if message else None),
-                    error_message=message,
-                )
+        async with transaction(run.engine) as conn:
+            report = await _apply_partition(run, conn, partition, intake)
+            if report.status in ("succeeded", "incomplete"):
                 report = replace(report, seconds=time.monotonic() - started)
-                await record_partition(conn, _record(report, run_id))
+                await record_partition(conn, run.run_id, report)
     except AuthError:
         raise
     except ApiError as exc:
+        status = exc.status or (f"HTTP_{exc.http_status}" if exc.http_status else "API_ERROR")
+        failure = (status, exc.describe())
+    except ImageSyncError as exc:
+        failure = ("DATABASE", str(exc))
+    if failure is not None:
         report = PartitionReport(
             partition,
             "failed",
             pages=stats.pages,
             api_requests=stats.requests,
             retries=stats.retries,
-            invalid_items=staged.invalid,
-            error_status=exc.status
-            or (f"HTTP_{exc.http_status}" if exc.http_status else "API_ERROR"),
-            error_message=exc.describe(),
-        )
-    except (OSError, sa.exc.SQLAlchemyError, ImageSyncError) as exc:
-        message = (
-            describe_error(exc, str(engine.url))
-            if isinstance(exc, sa.exc.SQLAlchemyError)
-            else str(exc)
-        )
-        report = PartitionReport(
-            partition,
-            "failed",
-            pages=stats.pages,
-            api_requests=stats.requests,
-            retries=stats.retries,
-            error_status="DATABASE",
-            error_message=message,
+            invalid_items=intake.invalid if failure[0] != "DATABASE" else 0,
+            error_status=failure[0],
+            error_message=failure[1],
         )
     report = replace(report, seconds=time.monotonic() - started)
     if report.status in ("failed", "skipped_locked"):
-        await _record_outside(engine, report, run_id)
+        await _record_outside(run, report)
     return report
 
 
+async def _apply_partition(
+    run: _Run, conn: Connection, partition: Partition, intake: PartitionIntake
+) -> PartitionReport:
+    """Lock, check freshness, take in the pages and merge them, on ``conn`` (in the
+    partition's transaction); the report, not yet recorded."""
+    writer = PartitionWriter(conn, region=partition.region, source=partition.source)
+    if not await writer.try_lock():
+        return PartitionReport(partition, "skipped_locked")
+    if run.fresh_within is not None and await writer.succeeded_within(run.fresh_within(partition)):
+        return PartitionReport(partition, "skipped_fresh")
+    await writer.open()
+    taken = await intake.take_in(writer)
+    counts = await writer.merge(
+        run_id=run.run_id, remove_missing=taken.complete, keep_ids=taken.keep_ids
+    )
+    error_status, error_message = taken.problem()
+    stats = intake.stats
+    return PartitionReport(
+        partition,
+        "succeeded" if taken.complete else "incomplete",
+        counts,
+        pages=stats.pages,
+        api_requests=stats.requests,
+        retries=stats.retries,
+        total_count=taken.total_count,
+        invalid_items=taken.invalid,
+        error_status=error_status,
+        error_message=error_message,
+    )
+
+
 async def _record_refused(
-    engine: AsyncEngine,
-    run_id: int,
+    run: _Run,
     partitions: Sequence[Partition],
     reports: Sequence[PartitionReport],
     error: AuthError,
-    started: float,
 ) -> list[PartitionReport]:
     """Record ``failed`` with the API's refusal every partition of the run that has no
     outcome yet (the one refused, those cut short, those never started), so health,
@@ -465,276 +361,23 @@ async def _record_refused(
             "failed",
             error_status=status,
             error_message=message,
-            seconds=time.monotonic() - started,  # from the run's start: they waited that long
+            seconds=time.monotonic() - run.started,  # from the run's start: they waited that long
         )
         for p in partitions
         if p not in done
     ]
     try:
-        async with engine.begin() as conn:
-            await record_partitions(conn, [_record(r, run_id) for r in refused])
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        log.error(
-            "could not record the partitions refused in run %d: %s",
-            run_id,
-            describe_error(exc, str(engine.url)),
-        )
+        async with transaction(run.engine) as conn:
+            await record_partitions(conn, run.run_id, refused)
+    except DatabaseError as exc:
+        log.error("could not record the partitions refused in run %d: %s", run.run_id, exc)
     return refused
 
 
-async def _gather_or_cancel(*aws: Coroutine[Any, Any, _T]) -> list[_T]:
-    """``asyncio.gather``, except that when one fails the others are cancelled and awaited
-    before the error propagates: a listing must never outlive its partition's
-    transaction (it would keep staging through a connection back in the pool)."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()  # a no-op for the finished ones
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _record_outside(engine: AsyncEngine, report: PartitionReport, run_id: int) -> None:
+async def _record_outside(run: _Run, report: PartitionReport) -> None:
     """Record a failed or skipped partition in its own transaction (best effort)."""
     try:
-        async with engine.begin() as conn:
-            await record_partition(conn, _record(report, run_id))
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        log.error(
-            "could not record partition %s: %s",
-            report.partition,
-            describe_error(exc, str(engine.url)),
-        )
-
-
-def _record(report: PartitionReport, run_id: int) -> PartitionRecord:
-    return PartitionRecord(
-        run_id=run_id,
-        region_id=report.partition.region,
-        image_source=report.partition.source,
-        status=report.status,
-        seconds=report.seconds,
-        counts=report.counts,
-        pages=report.pages,
-        api_requests=report.api_requests,
-        retries=report.retries,
-        total_count=report.total_count,
-        invalid_items=report.invalid_items,
-        error_status=report.error_status,
-        error_message=report.error_message,
-    )
-
-
-async def _still_there(
-    client: ImagesClient, partition: Partition, staged: _Staged, stats: RequestStats
-) -> set[str]:
-    """Of the images a complete partition would remove (listed before, on no page now),
-    those the API still returns by id: they are kept, not removed.
-
-    Settled listings can still miss an image: one moving between the offline=false and
-    offline=true listings between their reads is in neither, and within a listing a
-    deletion above a page boundary plus an insertion below it between two page reads
-    keep totalCount and the count while the image sliding across the boundary is read
-    on no page. An id lookup does not page, so it cannot miss it."""
-    seen = set().union(*staged.seen.values())
-    missing = sorted(set(staged.known) - seen - staged.keep_ids)
-    if not missing:
-        return set()
-    found = await client.lookup_ids(partition.region, missing, stats=stats)
-    kept = {
-        item["imageId"]
-        for item in found
-        if isinstance(item, dict)
-        and item.get("imageSource") == partition.source
-        and item.get("imageId") in staged.known
-    }
-    if kept:
-        log.info(
-            "partition %s: %d image(s) read on no page are still there by id; not removed",
-            partition,
-            len(kept),
-        )
-    return kept
-
-
-class _ListingPass:
-    """One pass over a listing: validates, de-duplicates and stages its pages."""
-
-    def __init__(
-        self, writer: PartitionWriter, listing: Listing, staged: _Staged, lock: asyncio.Lock
-    ) -> None:
-        self.writer = writer
-        self.listing = listing
-        self.staged = staged
-        self.lock = lock
-        self.ids: set[str] = set()
-        self.idless = 0
-        self.extras_ids: list[str] = []  # what fetch_extras asks about
-        self._wants_extras = _wants_extras(listing.source)
-
-    @property
-    def unique(self) -> int:
-        """Distinct items seen, invalid ones included (they count toward totalCount)."""
-        return len(self.ids) + self.idless
-
-    async def on_page(self, items: list[Any]) -> None:
-        staged, listing = self.staged, self.listing
-        known = staged.known
-        rows: list[ImageRow] = []
-        unchanged: list[str] = []
-        for item in items:
-            image_id = item.get("imageId") if known and isinstance(item, dict) else None
-            if (
-                isinstance(image_id, str)
-                and image_id in known
-                and known[image_id] == content_hash(item, listing.source)
-            ):
-                if image_id not in self.ids:
-                    self.ids.add(image_id)
-                    unchanged.append(image_id)
-                    if self._wants_extras(item):
-                        self.extras_ids.append(image_id)
-                continue
-            try:
-                row = normalize_image(item, region_id=listing.region, image_source=listing.source)
-            except InvalidItem as exc:
-                if exc.image_id:
-                    if exc.image_id in self.ids:
-                        continue  # seen on an earlier page of this pass
-                    staged.keep_ids.add(exc.image_id)
-                    self.ids.add(exc.image_id)
-                    key = (listing.index, exc.image_id)
-                else:
-                    self.idless += 1
-                    key = (listing.index, f"#{self.idless}")
-                if key in staged.invalid_seen:
-                    continue  # counted in an earlier pass over this listing
-                staged.invalid_seen.add(key)
-                staged.invalid += 1
-                if not exc.image_id:
-                    staged.invalid_without_id += 1
-                if staged.invalid <= MAX_REPORTED_INVALID:
-                    log.warning("partition %s: invalid item skipped: %s", listing, exc)
-                continue
-            if row.image_id in self.ids:
-                continue  # seen on an earlier page of this pass (page-number drift)
-            self.ids.add(row.image_id)
-            rows.append(row)
-            if self._wants_extras(item):
-                self.extras_ids.append(row.image_id)
-        async with self.lock:
-            await self.writer.stage(rows, listing.index)
-            await self.writer.stage_unchanged(unchanged, listing.index)
-
-
-EXTRA_SOURCES = frozenset({"private", "public", "thirdparty"})
-"""Sources whose images other APIs say more about: members (private images shared with
-specified users) and instance-type constraints (public and thirdparty images)."""
-MEMBERS_CONCURRENCY = 16
-"""describeImageMembers calls of one partition waiting at once (the client's gate and
-rate limit still decide when each is sent)."""
-
-
-def _wants_extras(source: str) -> Callable[[Any], bool]:
-    """Whether a (valid) listed item is one to ask the other image APIs about."""
-    if source == "private":
-        return lambda item: item.get("launchPermission") == "specifiedUsers"
-    if source in OFFLINE_SOURCES:
-        return lambda item: True
-    return lambda item: False
-
-
-async def fetch_extras(
-    client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
-) -> tuple[list[ImageExtras], list[str]]:
-    """Members of the partition's shared private images (one describeImageMembers call
-    each, every sync: a share changes nothing describeImages shows), or the
-    instance-type constraints of its public/thirdparty images (describeImageConstraintsBatch,
-    as few calls as the URL length allows). Returns the images with something to say,
-    and the ids whose members call answered 404 (the image was deleted after the
-    listing: drift, not a failure). Any other failure raises: the partition fails and its transaction rolls back. An id that
-    cannot be put in a URL as it is (no real one) is not asked about: its extras stay null."""
-    ids = [image_id for image_id in ids if is_plain_image_id(image_id)]
-    if partition.source == "private":
-        return await _fetch_members(client, partition, ids, stats)
-    if not ids:
-        return [], []
-    wanted = set(ids)
-    found = {  # by id: an id answered twice is recorded once (its last answer)
-        c.image_id: ImageExtras(
-            c.image_id,
-            instance_types_constraint=c.constraints_type,
-            instance_types=c.instance_types,
-        )
-        for c in await client.describe_image_constraints(partition.region, ids, stats=stats)
-        if c.image_id in wanted and (c.constraints_type is not None or c.instance_types is not None)
-    }
-    return list(found.values()), []
-
-
-async def _fetch_members(
-    client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
-) -> tuple[list[ImageExtras], list[str]]:
-    """describeImageMembers for each id, by a fixed pool of workers sharing one iterator
-    (not one task per id: 13,000 waiting tasks cost ~100 MB)."""
-    found: list[ImageExtras] = []
-    vanished: list[str] = []
-    pending = iter(ids)
-
-    async def worker() -> None:
-        for image_id in pending:  # each id is taken by exactly one worker
-            try:
-                pins = await client.describe_image_members(partition.region, image_id, stats=stats)
-            except PermanentApiError as exc:
-                if exc.http_status != 404:
-                    raise
-                log.info("partition %s: %s vanished after its listing", partition, image_id)
-                vanished.append(image_id)
-                continue
-            found.append(ImageExtras(image_id, shared_with=pins))
-
-    await _gather_or_cancel(*(worker() for _ in range(min(MEMBERS_CONCURRENCY, len(ids)))))
-    return found, vanished
-
-
-async def _list_until_settled(
-    client: ImagesClient,
-    writer: PartitionWriter,
-    listing: Listing,
-    staged: _Staged,
-    stats: RequestStats,
-    page_size: int,
-    stage_lock: asyncio.Lock,
-    progress: Progress,
-    partition: Partition,
-) -> bool:
-    """List (and stage) one listing until it settles or the passes run out."""
-    for attempt in range(1, MAX_LISTING_PASSES + 1):
-        if attempt > 1:
-            async with stage_lock:
-                await writer.discard_listing(listing.index)
-        this_pass = _ListingPass(writer, listing, staged, stage_lock)
-        outcome = await list_pages(
-            client,
-            listing,
-            page_size=page_size,
-            stats=stats,
-            on_page=this_pass.on_page,
-            on_progress=lambda done, total: progress.pages(partition, listing, done, total),
-        )
-        staged.outcomes[listing.index] = outcome
-        staged.extras_ids[listing.index] = this_pass.extras_ids
-        staged.seen[listing.index] = this_pass.ids
-        if outcome.settled(this_pass.unique):
-            return True
-        log.info(
-            "listing %s drifted (pass %d: %d unique of totalCount %d, totals seen %s); "
-            "listing again",
-            listing,
-            attempt,
-            this_pass.unique,
-            outcome.total_count,
-            sorted(outcome.totals_seen),
-        )
-    return False
+        async with transaction(run.engine) as conn:
+            await record_partition(conn, run.run_id, report)
+    except DatabaseError as exc:
+        log.error("could not record partition %s: %s", report.partition, exc)

@@ -33,16 +33,15 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import sqlalchemy as sa
 from pydantic import SecretStr
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.config import Settings
-from service.errors import ConfigError
+from service.errors import ConfigError, DatabaseError
 from service.metrics import Metrics
 from service.store import feed
+from service.store.engine import Connection, Engine, connect
 from service.store.feed import Change
-from service.store.tables import EVENT_TYPES
+from service.vocabulary import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Engine,
         session: aiohttp.ClientSession,
         subscribers: Sequence[Subscriber],
         *,
@@ -185,20 +184,19 @@ class Dispatcher:
         """Deliver everything after the subscriber's cursor; False when it failed or
         another replica holds it. Database trouble is logged; the next round retries."""
         try:
-            async with self.engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            async with connect(self.engine, autocommit=True) as conn:
                 if not await feed.try_lock_subscriber(conn, subscriber.name):
                     return False
                 try:
                     return await self._catch_up(conn, subscriber)
                 finally:
-                    with contextlib.suppress(OSError, sa.exc.SQLAlchemyError):
+                    with contextlib.suppress(DatabaseError):
                         await feed.unlock_subscriber(conn, subscriber.name)
-        except (OSError, sa.exc.SQLAlchemyError) as exc:
-            log.error("webhook %s: database unavailable: %s", subscriber.name, type(exc).__name__)
+        except DatabaseError as exc:
+            log.error("webhook %s: database unavailable: %s", subscriber.name, exc.kind)
             return False
 
-    async def _catch_up(self, conn: AsyncConnection, subscriber: Subscriber) -> bool:
+    async def _catch_up(self, conn: Connection, subscriber: Subscriber) -> bool:
         cursor = await feed.ensure_subscriber(
             conn,
             subscriber.name,

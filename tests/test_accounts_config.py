@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_ACCOUNT, load_settings
+from service.app import credentials_of
+from service.config import DEFAULT_ACCOUNT, Settings, load_settings
 from service.errors import ConfigError
+from service.jdcloud.accounts import Account, accounts_of
 
 LOCAL = "http://127.0.0.1:9"
 BASE = {"JDCLOUD_ACCESS_KEY": "AKBASE00000000", "JDCLOUD_SECRET_KEY": "SKBASE-secret-000"}
 
 
-def _settings(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> object:
+def _accounts(settings: Settings) -> tuple[Account, ...]:
+    return accounts_of(settings, credentials_of(settings))
+
+
+def _settings(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> Settings:
     path = tmp_path / "accounts.toml"
     path.write_text(toml, encoding="utf-8")
     return load_settings({"JDCLOUD_ENDPOINT": LOCAL, **(env or {})}, path)
@@ -26,14 +32,14 @@ def _settings(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> o
 
 def test_one_account_form_is_unchanged() -> None:
     settings = load_settings({"JDCLOUD_ENDPOINT": LOCAL, **BASE})
-    (account,) = settings.configured_accounts()
+    (account,) = _accounts(settings)
     assert account.name == DEFAULT_ACCOUNT == "default"
     assert account.credentials is not None
     assert account.credentials.access_key == BASE["JDCLOUD_ACCESS_KEY"]
     assert account.role is None
     assert account.regions == settings.regions
     named = load_settings({"JDCLOUD_ENDPOINT": LOCAL, "IMAGE_SYNC_ACCOUNT": "prod", **BASE})
-    assert [a.name for a in named.configured_accounts()] == ["prod"]
+    assert [a.name for a in _accounts(named)] == ["prod"]
 
 
 def test_accounts_of_every_kind_resolve_in_order(tmp_path: Path) -> None:
@@ -70,7 +76,7 @@ name = "base"
         "TEAM_A_TOKEN": "tok-a-1234",
     }
     settings = _settings(tmp_path, toml, env)
-    accounts = settings.configured_accounts()  # type: ignore[attr-defined]
+    accounts = _accounts(settings)
     assert [a.name for a in accounts] == ["team-a", "team-b", "audit", "base"]
     team_a, team_b, audit, base = accounts
     assert team_a.credentials.access_key == "AKTEAMA00000"
@@ -86,7 +92,7 @@ name = "base"
     assert audit.base.access_key == BASE["JDCLOUD_ACCESS_KEY"]
     assert base.credentials.access_key == BASE["JDCLOUD_ACCESS_KEY"]
     # Secrets are known to the redactor and never in a repr.
-    secrets = settings.secret_values()  # type: ignore[attr-defined]
+    secrets = settings.secret_values()
     assert {
         "SKTEAMA-secret",
         "tok-a-1234",
@@ -102,7 +108,7 @@ def test_key_pair_accounts_need_no_base_pair_for_a_real_endpoint(tmp_path: Path)
     settings = load_settings(
         {"JDCLOUD_ENDPOINT": "https://vm.example.com", "A": "ak-a", "S": "sk-a"}, path
     )
-    assert [a.name for a in settings.configured_accounts()] == ["a"]
+    assert [a.name for a in _accounts(settings)] == ["a"]
     # ... while an account using the base pair does need it there.
     path.write_text('[[accounts]]\nname = "a"\n')
     with pytest.raises(ConfigError, match="JDCLOUD_ACCESS_KEY"):
@@ -114,9 +120,9 @@ def test_config_file_from_the_environment_and_option_wins(tmp_path: Path) -> Non
     env_file.write_text('[[accounts]]\nname = "from-env"\n')
     option_file.write_text('[[accounts]]\nname = "from-option"\n')
     environ = {"JDCLOUD_ENDPOINT": LOCAL, "IMAGE_SYNC_CONFIG": str(env_file)}
-    assert [a.name for a in load_settings(environ).configured_accounts()] == ["from-env"]
+    assert [a.name for a in _accounts(load_settings(environ))] == ["from-env"]
     chosen = load_settings(environ, option_file)
-    assert [a.name for a in chosen.configured_accounts()] == ["from-option"]
+    assert [a.name for a in _accounts(chosen)] == ["from-option"]
     assert chosen.config == option_file
 
 

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
+from service.jdcloud.listing import Partition
 from service.jdcloud.signer import DEMO_ACCESS_KEY
-from service.runtime import open_runtime
 from service.simulator import Catalogue, Simulator, running_simulator
-from service.sync import Partition, SyncReport, sync_once
+from service.sync import SyncReport, sync_once
 from tests.fault_helpers import MEMBERS_ROUTE, shared_with_no_one
 from tests.local_api import local_api
 from tests.test_sync import assert_matches_catalogue

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.check import CHECK_NAMES, check_invariants
-from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.sync import sync_once
 from tests.fault_helpers import assert_invariants, mutate

@@ -17,13 +17,13 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.config import Credentials
+from service.app import open_runtime
 from service.errors import PermanentApiError, TransientApiError
 from service.jdcloud.client import USER_AGENT, ImagesClient, RequestStats, open_session
-from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
-from service.runtime import open_runtime
+from service.jdcloud.listing import Partition
+from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Credentials
 from service.simulator import Simulator, running_simulator
-from service.sync import Partition, sync_once
+from service.sync import sync_once
 from tests.local_api import EMPTY_PAGE, local_api
 
 CREDENTIALS = Credentials(DEMO_ACCESS_KEY, DEMO_SECRET_KEY)

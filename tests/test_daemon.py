@@ -21,11 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.daemon import Daemon
-from service.runtime import open_runtime
+from service.app import open_runtime
+from service.jdcloud.listing import Partition
 from service.simulator.server import Simulator, running_simulator
 from service.store.runs import mark_abandoned
-from service.sync import Partition
 
 IMAGE_SYNC = str(Path(sys.executable).with_name("image-sync"))
 # `image-sync` itself, with the shortest accepted interval lowered from 10 s so that a test
@@ -442,7 +441,7 @@ async def test_a_tick_syncs_only_the_due_partitions_of_each_source(
             IMAGE_SYNC_INTERVAL_PUBLIC="150",
         )
         async with open_runtime(settings) as runtime:
-            daemon = Daemon(runtime)
+            daemon = runtime.daemon()
             public, private = Partition("cn-north-1", "public"), Partition("cn-north-1", "private")
             assert daemon.tick_interval == 60
             assert (daemon.ticks_per_sync(public), daemon.ticks_per_sync(private)) == (3, 1)

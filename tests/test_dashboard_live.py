@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.metrics import Metrics
-from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.sync import sync_once
 from service.web.server import StatusContext, serve_status

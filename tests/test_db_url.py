@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from service.app import credentials_of
 from service.config import load_settings
 from service.dburl import parse_database_url
 from service.errors import ConfigError
@@ -88,8 +89,8 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     )
     assert settings.database_url is not None
     assert settings.database_url.get_secret_value() == f"postgresql://app:{PASSWORD}@db/inv"
-    assert settings.credentials().access_key == "AK-from-file"
-    assert settings.credentials().secret_key == "SK-from-file"
+    assert credentials_of(settings).access_key == "AK-from-file"
+    assert credentials_of(settings).secret_key == "SK-from-file"
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
+from service.ingest import Progress
+from service.jdcloud.listing import Partition
 from service.simulator import running_simulator
 from service.store import migrate
 from service.store.engine import create_engine
-from service.sync import Partition, PartitionReport, Progress, SyncReport, sync_once
+from service.store.runs import PartitionReport
+from service.sync import SyncReport, sync_once
 from tests.fault_helpers import (
     KillablePostgres,
     assert_after_crash,

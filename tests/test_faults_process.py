@@ -37,7 +37,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
 from service.simulator import running_simulator
 from service.sync import sync_once
 from tests.fault_helpers import (

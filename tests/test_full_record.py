@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.normalize import BEIJING
-from service.runtime import open_runtime
 from service.simulator import Simulator, running_simulator
 from service.simulator.catalogue import OFFLINE_SOURCES, Catalogue
 from service.sync import SyncReport, sync_once

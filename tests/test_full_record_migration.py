@@ -11,9 +11,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.check import check_invariants
 from service.normalize import normalize_image
-from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.simulator.catalogue import Catalogue
 from service.store import migrate

@@ -13,10 +13,9 @@ import sqlalchemy as sa
 from rich.console import Console
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.daemon import Daemon
+from service.app import open_runtime
 from service.jdcloud.signer import DEMO_ACCESS_KEY
 from service.report import print_status
-from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
 from service.sync import sync_once
@@ -64,7 +63,7 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
             JDCLOUD_SECRET_KEY="not-the-secret-0123456789",
         )
         async with open_runtime(settings) as runtime:
-            daemon = Daemon(runtime)
+            daemon = runtime.daemon()
             assert await daemon.tick(aligned=False) is None  # logged, not raised
             async with engine.connect() as conn:  # what /metrics does on each scrape
                 await refresh_gauges(conn, runtime.metrics, settings.regions, settings.sources)
@@ -293,7 +292,7 @@ async def test_the_daemon_prunes_old_runs_that_no_event_references(
         IMAGE_SYNC_KEEP_RUNS_DAYS="90",
     )
     async with open_runtime(settings) as runtime:
-        await Daemon(runtime).tick(aligned=False)  # nothing listens: the sync fails fast
+        await runtime.daemon().tick(aligned=False)  # nothing listens: the sync fails fast
     async with engine.connect() as conn:
         runs = set((await conn.scalars(sa.text("SELECT run_id FROM inventory.sync_runs"))).all())
         orphans = await conn.scalar(

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
 from service.simulator import Catalogue, running_simulator
 from service.store.engine import create_engine
 from service.sync import SyncReport, sync_once

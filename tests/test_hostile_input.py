@@ -34,9 +34,10 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.jdcloud.client import ImagesClient, open_session
+from service.jdcloud.listing import Partition
 from service.normalize import normalize_image
 from service.simulator import Catalogue
-from service.sync import Partition, sync_once
+from service.sync import sync_once
 from tests.fault_helpers import MEMBERS_ROUTE, assert_invariants, shared_with_no_one, truncate
 from tests.local_api import local_api
 
@@ -320,7 +321,7 @@ async def test_hostile_listing(
     api, url = fake_api
     await truncate(engine)
     async with open_session(connect_timeout=5, request_timeout=5, limit=8) as session:
-        from service.config import Credentials
+        from service.jdcloud.signer import Credentials
 
         client = ImagesClient(
             session, endpoint=url, credentials=Credentials("ak", "sk"), rate_limit=0,
@@ -392,7 +393,7 @@ async def test_unreadable_200_is_retried(
 ) -> None:
     """A 200 whose body is HTML, an error object, cut short or not UTF-8 is transient:
     retried like a 5xx (it used to fail the partition at the first occurrence)."""
-    from service.config import Credentials
+    from service.jdcloud.signer import Credentials
 
     api, url = fake_api
     base = Catalogue(seed=1, images=25, regions=[REGION], sources=[SOURCE]).images(REGION, SOURCE)

@@ -40,7 +40,7 @@ def reader_url(database_url: str, session_engine: AsyncEngine) -> Iterator[str]:
 async def test_reader_reads_everything(
     engine: AsyncEngine, make_settings: Any, reader_url: str
 ) -> None:
-    from service.runtime import open_runtime
+    from service.app import open_runtime
     from service.simulator import running_simulator
     from service.sync import sync_once
 

@@ -25,10 +25,11 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
+from service.jdcloud.listing import Partition
 from service.simulator import Catalogue
 from service.simulator.server import build_app
-from service.sync import Partition, sync_once
+from service.sync import sync_once
 
 REGION = "cn-north-1"
 

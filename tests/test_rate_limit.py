@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
 from service.simulator import Catalogue, running_simulator, simulator_in_thread
 from service.sync import sync_once
 from tests.test_sync import assert_matches_catalogue

@@ -13,9 +13,12 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.errors import AuthError
-from service.runtime import open_runtime
-from service.sync import Partition, PartitionReport, Progress, sync_once
+from service.ingest import Progress
+from service.jdcloud.listing import Partition
+from service.store.runs import PartitionReport
+from service.sync import sync_once
 from tests.local_api import EMPTY_PAGE, local_api
 
 pytestmark = pytest.mark.db

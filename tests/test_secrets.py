@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import credentials_of, open_runtime
 from service.dburl import parse_database_url
 from service.errors import DatabaseError
 from service.metrics import Metrics
-from service.runtime import open_runtime
 from service.simulator import running_simulator
 from service.store.engine import open_database
 from service.sync import sync_once
@@ -132,7 +132,7 @@ async def test_exception_texts(make_settings: Any, secret_db_url: str) -> None:
     settings = make_settings(
         DATABASE_URL=secret_db_url, JDCLOUD_ACCESS_KEY=ACCESS_KEY, JDCLOUD_SECRET_KEY=SECRET_KEY
     )
-    assert_clean(repr(settings) + str(settings.redacted()) + repr(settings.credentials()),
+    assert_clean(repr(settings) + str(settings.redacted()) + repr(credentials_of(settings)),
                  "Settings/Credentials repr")  # fmt: skip
 
 

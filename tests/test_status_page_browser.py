@@ -23,8 +23,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
 from service.metrics import Metrics
-from service.runtime import open_runtime
 from service.simulator.server import running_simulator
 from service.sync import sync_once
 from service.web.server import StatusContext, serve_status

@@ -21,9 +21,9 @@ from jdcloud_sdk.services.sts.apis.AssumeRoleRequest import (
 from jdcloud_sdk.services.sts.client.StsClient import StsClient as SdkStsClient
 from jdcloud_sdk.services.sts.models.AssumeRoleInfo import AssumeRoleInfo
 
-from service.config import Credentials, RoleSpec
 from service.errors import AuthError, PermanentApiError
-from service.jdcloud.signer import verify_request
+from service.jdcloud.accounts import RoleSpec
+from service.jdcloud.signer import Credentials, verify_request
 from service.jdcloud.sts import RoleCredentials, StsClient, assume_role_request
 from tests.local_api import EMPTY_PAGE, local_api
 

@@ -8,9 +8,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.runtime import open_runtime
+from service.app import open_runtime
+from service.jdcloud.listing import Partition
 from service.simulator import running_simulator
-from service.sync import Partition, SyncReport, sync_once
+from service.sync import SyncReport, sync_once
 
 BEIJING = timezone(timedelta(hours=8))
 

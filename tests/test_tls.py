@@ -64,7 +64,7 @@ async def https_server(tmp_path: Path) -> Any:
 
 
 async def test_self_signed_https_is_refused(https_server: str) -> None:
-    from service.config import Credentials
+    from service.jdcloud.signer import Credentials
 
     async with open_session(connect_timeout=5, request_timeout=5, limit=2) as session:
         client = ImagesClient(session, endpoint=https_server, credentials=Credentials("ak", "sk"),

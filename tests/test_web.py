@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import open_runtime
+from service.jdcloud.listing import partitions_of
 from service.metrics import Metrics
-from service.runtime import open_runtime
 from service.simulator.server import running_simulator
 from service.store.engine import create_engine
-from service.sync import partitions_of, sync_once
+from service.sync import sync_once
 from service.web.server import StatusContext, serve_status
 from tests.fault_helpers import KillablePostgres, killable_postgres
 from tests.test_daemon import PARTITIONS, replicas, rows, scalar, wait_for

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.soak.fleet import Fleet
-from service.runtime import PARTITION_CONCURRENCY
+from service.app import PARTITION_CONCURRENCY
 from service.store.engine import create_engine
 
 RSS_BOUND_MB_PER_HOUR = 60.0
@@ -37,7 +37,7 @@ SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
 
 def pool_bound() -> int:
     """The most connections one replica's pool opens: pool size plus overflow, read from
-    an engine built the way :func:`service.runtime.open_runtime` builds it."""
+    an engine built the way :func:`service.app.open_runtime` builds it."""
     engine = create_engine("postgresql://soak@127.0.0.1/soak", pool_size=PARTITION_CONCURRENCY + 2)
     pool: Any = engine.sync_engine.pool
     return int(pool.size() + pool._max_overflow)

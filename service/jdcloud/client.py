@@ -51,7 +51,7 @@ import orjson
 from yarl import URL
 
 from service import __version__
-from service.config import Credentials
+from service.config import REGION_RE
 from service.errors import (
     ApiError,
     AuthError,
@@ -59,7 +59,7 @@ from service.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from service.jdcloud.signer import encode_query, sign_headers
+from service.jdcloud.signer import Credentials, encode_query, sign_headers
 from service.jdcloud.sts import RoleCredentials
 from service.metrics import Metrics
 
@@ -77,7 +77,6 @@ TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "UNAVAILABLE", "SOURCE_UN
 """``error.status`` values of JD Cloud's common error table that are retried."""
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 10, 100
 """describeImages' documented ``pageSize`` range."""
-_REGION_RE = re.compile(r"^[a-z]{2}-[a-z0-9-]+$")
 _IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _R = TypeVar("_R")
 
@@ -523,14 +522,14 @@ class ImagesClient:
                 detail = str(exc) or type(exc).__name__
                 raise TransientApiError(
                     f"request timed out: {detail}", status="TIMEOUT", region=region
-                ) from None
+                ) from exc
             except aiohttp.ClientError as exc:
                 self._count(region, "error")
                 raise TransientApiError(
                     f"connection failed: {type(exc).__name__}: {exc}",
                     status="NETWORK",
                     region=region,
-                ) from None
+                ) from exc
         self._count(region, str(status))
         if status == 200:
             # Parsed inside the retry loop: a 200 that is HTML or truncated
@@ -650,7 +649,7 @@ def _check_image_id(image_id: str) -> None:
 
 
 def _check_region(region: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not REGION_RE.match(region):
         raise ValueError(f"region must be a region id like cn-north-1, got {region!r}")
 
 
@@ -702,11 +701,11 @@ def _parse_result(body: bytes, region: str) -> tuple[dict[str, Any], str | None]
     envelope is :class:`MalformedResponse`, an ``error`` object raises as its code says."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
         snippet = body[:60].decode("utf-8", "replace")
         raise _malformed(
             f"body is not JSON ({len(body)} bytes, starts {snippet!r})", region
-        ) from None
+        ) from exc
     if not isinstance(data, dict):
         raise _malformed("body is not a JSON object", region)
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None

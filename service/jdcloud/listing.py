@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.config import OFFLINE_SOURCES
 from service.jdcloud.client import ImagesClient, Page, RequestStats
 
 
@@ -34,6 +35,32 @@ class Listing:
         return f"{self.region}/{self.source}{suffix}"
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Partition:
+    """One (region, source) pair: the unit that is locked, applied and recorded."""
+
+    region: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.region}/{self.source}"
+
+    def listings(self) -> tuple[Listing, ...]:
+        """Two listings (``offline=false``, ``offline=true``) for public and thirdparty;
+        one without ``offline`` for the other sources."""
+        if self.source in OFFLINE_SOURCES:
+            return (
+                Listing(self.region, self.source, False, 0),
+                Listing(self.region, self.source, True, 1),
+            )
+        return (Listing(self.region, self.source, None, 0),)
+
+
+def partitions_of(regions: Sequence[str], sources: Sequence[str]) -> list[Partition]:
+    """Every (region, source) pair, regions first."""
+    return [Partition(r, s) for r in regions for s in sources]
+
+
 @dataclass(slots=True)
 class ListingOutcome:
     """What one pass over a listing saw."""
@@ -47,11 +74,10 @@ class ListingOutcome:
 
 
 MAX_PAGES_AHEAD = 256
-"""Pages of one listing requested or received but not yet consumed by its sink (a
-decoded 100-image page is about 300 kB, so at most ~75 MB). A page beyond the window is
-queued for a request slot only when an earlier page is consumed. (Measured when the
-client still served requests in arrival order: a window of 128 made the benchmark's
-400-page partition take twice as long.)"""
+"""Pages of one listing requested or received but not yet consumed by its sink: memory
+is bounded by this window, not by the listing; a page beyond it is queued for a request
+slot only when an earlier page is consumed (sizes and measurements: bench/README.md,
+"Constants and their numbers")."""
 
 FIRST_PAGE_PRIORITY = -math.inf
 """Every listing's first page goes before other pages: it tells how big the listing is."""
@@ -84,101 +110,122 @@ async def list_pages(
     API errors propagate (after the client's retries); pages still in flight are
     cancelled.
     """
+    pager = _Pager(client, listing, page_size, stats, on_page, on_progress)
+    first = await pager.first()
+    if pager.pages > 1:
+        await pager.the_rest()
+    await pager.past_the_end(first)
+    return pager.outcome
 
-    priority = FIRST_PAGE_PRIORITY
 
-    async def fetch(number: int) -> Page:
-        return await client.describe_images(
-            listing.region,
-            image_source=listing.source,
-            offline=listing.offline,
+class _Pager:
+    """One pass over a listing's pages: the first alone, then the rest at once."""
+
+    def __init__(
+        self,
+        client: ImagesClient,
+        listing: Listing,
+        page_size: int,
+        stats: RequestStats,
+        on_page: PageSink,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.client = client
+        self.listing = listing
+        self.page_size = page_size
+        self.stats = stats
+        self.on_page = on_page
+        self.on_progress = on_progress or (lambda done, total: None)
+        self.outcome = ListingOutcome()
+        self.priority = FIRST_PAGE_PRIORITY
+        self.pages = 1
+        self.consumed = 0
+
+    async def fetch(self, number: int) -> Page:
+        return await self.client.describe_images(
+            self.listing.region,
+            image_source=self.listing.source,
+            offline=self.listing.offline,
             page_number=number,
-            page_size=page_size,
-            stats=stats,
-            priority=priority,
+            page_size=self.page_size,
+            stats=self.stats,
+            priority=self.priority,
         )
 
-    outcome = ListingOutcome()
-    first = await fetch(1)
-    outcome.total_count = first.total_count
-    outcome.totals_seen.add(first.total_count)
-    pages = max(1, math.ceil(first.total_count / page_size))
-    priority = page_priority(pages)
-    outcome.pages = 1
-    stats.pages += 1
-    await on_page(first.images)
-    if on_progress:
-        on_progress(1, pages)
+    def _received(self, page: Page) -> None:
+        self.outcome.pages += 1
+        self.stats.pages += 1
+        self.outcome.totals_seen.add(page.total_count)
 
-    async def past_the_end() -> None:
-        # A totalCount that understates the listing by whole pages would look complete
-        # (and let the merge remove real images). When the last page was full, read
-        # one more: anything on it makes the listing unsettled.
-        if first.total_count == 0 or first.total_count % page_size:
+    async def first(self) -> Page:
+        """Page 1: it tells how many pages there are."""
+        first = await self.fetch(1)
+        self.outcome.total_count = first.total_count
+        self.pages = max(1, math.ceil(first.total_count / self.page_size))
+        self.priority = page_priority(self.pages)
+        self._received(first)
+        await self.on_page(first.images)
+        self.consumed = 1
+        self.on_progress(1, self.pages)
+        return first
+
+    async def past_the_end(self, first: Page) -> None:
+        """A totalCount that understates the listing by whole pages would look complete
+        (and let the merge remove real images). When the last page was full, read one
+        more: anything on it makes the listing unsettled."""
+        if first.total_count == 0 or first.total_count % self.page_size:
             return
-        extra = await fetch(pages + 1)
-        outcome.pages += 1
-        stats.pages += 1
-        outcome.totals_seen.add(extra.total_count)
+        extra = await self.fetch(self.pages + 1)
+        self._received(extra)
         if extra.images:  # new ids here make the unique count exceed totalCount
-            await on_page(extra.images)
+            await self.on_page(extra.images)
 
-    if pages == 1:
-        await past_the_end()
-        return outcome
+    async def the_rest(self) -> None:
+        """Pages 2..n, every one queued for the client at once (its limits pace them,
+        bigger listings first), at most MAX_PAGES_AHEAD of them not yet consumed; a
+        page is dropped as soon as ``on_page`` returns. So memory is bounded by the
+        window, not the listing."""
+        ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
 
-    # Every page is queued for the client at once (its limits pace them, bigger listings
-    # first), at most MAX_PAGES_AHEAD of them not yet consumed; a page is dropped
-    # as soon as ``on_page`` returns. So memory is bounded by the window, not the listing.
-    ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
+        async def fetch_ahead(number: int) -> Page:
+            await ahead.acquire()  # released when the page has been consumed
+            return await self.fetch(number)
 
-    async def fetch_ahead(number: int) -> Page:
-        await ahead.acquire()  # released when the page has been consumed
-        return await fetch(number)
+        arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
+        pending: set[asyncio.Task[Page]] = set()
+        for number in range(2, self.pages + 1):
+            task = asyncio.ensure_future(fetch_ahead(number))
+            task.add_done_callback(arrived.put_nowait)
+            pending.add(task)
+        # Two sink calls overlap: while one page is being written (the sink awaits its
+        # database), the next is already handed over, so its CPU-bound part runs meanwhile.
+        writing: asyncio.Task[None] | None = None
+        try:
+            while pending:
+                task = await arrived.get()
+                pending.discard(task)
+                page = task.result()
+                del task
+                self._received(page)
+                # Track the new sink before awaiting the previous one: if that raises, the
+                # `finally` below must still cancel and collect this one (else its error
+                # is "Task exception was never retrieved").
+                previous, writing = writing, asyncio.ensure_future(self.on_page(page.images))
+                del page
+                if previous is not None:
+                    await self._finish(previous, ahead)
+            if writing is not None:
+                await self._finish(writing, ahead)
+                writing = None
+        finally:
+            for task in pending:
+                task.cancel()
+            if writing is not None:
+                writing.cancel()
+            await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
 
-    arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
-    pending: set[asyncio.Task[Page]] = set()
-    for number in range(2, pages + 1):
-        task = asyncio.ensure_future(fetch_ahead(number))
-        task.add_done_callback(arrived.put_nowait)
-        pending.add(task)
-    # Two sink calls overlap: while one page is being written (the sink awaits its
-    # database), the next is already handed over, so its CPU-bound part runs meanwhile.
-    writing: asyncio.Task[None] | None = None
-    consumed = 1
-
-    async def finish(sink: asyncio.Task[None]) -> None:
-        nonlocal consumed
+    async def _finish(self, sink: asyncio.Task[None], ahead: asyncio.Semaphore) -> None:
         await sink
         ahead.release()
-        consumed += 1
-        if on_progress:
-            on_progress(consumed, pages)
-
-    try:
-        while pending:
-            task = await arrived.get()
-            pending.discard(task)
-            page = task.result()
-            del task
-            outcome.pages += 1
-            stats.pages += 1
-            outcome.totals_seen.add(page.total_count)
-            # Track the new sink before awaiting the previous one: if that raises, the
-            # `finally` below must still cancel and collect this one (else its error is
-            # "Task exception was never retrieved").
-            previous, writing = writing, asyncio.ensure_future(on_page(page.images))
-            del page
-            if previous is not None:
-                await finish(previous)
-        if writing is not None:
-            await finish(writing)
-            writing = None
-    finally:
-        for task in pending:
-            task.cancel()
-        if writing is not None:
-            writing.cancel()
-        await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
-    await past_the_end()
-    return outcome
+        self.consumed += 1
+        self.on_progress(self.consumed, self.pages)

@@ -35,6 +35,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote_plus
 
@@ -46,6 +47,7 @@ __all__ = [
     "HEADER_DATE",
     "HEADER_NONCE",
     "HEADER_SECURITY_TOKEN",
+    "Credentials",
     "QueryValue",
     "encode_query",
     "sign_headers",
@@ -56,6 +58,22 @@ __all__ = [
 # JDCLOUD_ACCESS_KEY/JDCLOUD_SECRET_KEY are unset. Not a credential of any account.
 DEMO_ACCESS_KEY = "JDCDEMOACCESSKEY0000000000000000"
 DEMO_SECRET_KEY = "JDCDEMOSECRETKEY-not-a-real-secret-0000"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An access key pair (and session token) to sign with; the secret never appears in
+    ``repr``."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def demo(cls) -> Credentials:
+        """The simulator's fixed pair (:data:`DEMO_ACCESS_KEY`, :data:`DEMO_SECRET_KEY`)."""
+        return cls(DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
+
 
 ALGORITHM = "JDCLOUD3-HMAC-SHA256"
 _KEY_PREFIX = "JDCLOUD3"

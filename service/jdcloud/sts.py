@@ -6,7 +6,7 @@ the SDK's ``StsClient`` + ``AssumeRoleRequest`` send (``{"assumeRoleInfo": {"rol
 "roleSessionName", "policy": null, "durationSeconds"}}``, serialised as ``json.dumps``
 does), signed JDCLOUD3 with service ``sts`` and region ``jdcloud-api``. The answer's
 ``result.credentials`` ``{accessKey, secretKey, sessionToken, expiration}`` (expiration
-``yyyy-MM-dd HH:mm:ss``, Beijing time) become :class:`~service.config.Credentials`.
+``yyyy-MM-dd HH:mm:ss``, Beijing time) become :class:`~service.jdcloud.signer.Credentials`.
 
 :class:`RoleCredentials` owns one role's credentials: :meth:`~RoleCredentials.get` hands
 out credentials valid for at least the time a request may take (renewing first when they
@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from service.config import Credentials, RoleSpec
 from service.errors import ApiError, AuthError, PermanentApiError, TransientApiError
-from service.jdcloud.signer import sign_headers
+from service.jdcloud.accounts import RoleSpec
+from service.jdcloud.signer import Credentials, sign_headers
 
 __all__ = [
     "ASSUME_ROLE_PATH",

@@ -654,6 +654,40 @@ class Catalogue:
         progress = (
             str(rng.randrange(1, 100)) if status in ("creating", "copying", "converting") else "100"
         )
+        local_root, system_size, snapshot_id, system_disk, data_disks = self._disks(windows)
+        uefi = rng.random() < (0.3 if create_time.year >= 2021 else 0.05)
+        image: dict[str, Any] = {
+            "imageId": self._new_id("img-"),
+            "name": name,
+            "platform": platform,
+            "osVersion": os_version,
+            "architecture": architecture,
+            "systemDiskSizeGB": system_size,
+            "imageSource": source,
+            "osType": os_type,
+            "status": status,
+            "createTime": create_time.astimezone(BEIJING).strftime(TIME_FORMAT),
+            "sizeMB": rng.randrange(1200, 30000) if status == "ready" else 0,
+            "desc": rng.choice(_DESCRIPTIONS),
+            "ownerPin": owner,
+            "launchPermission": permission,
+            "systemDisk": system_disk,
+            "dataDisks": data_disks,
+            "snapshotId": snapshot_id,
+            "rootDeviceType": "localDisk" if local_root else "cloudDisk",
+            "progress": progress,
+            "bootMode": "uefi" if uefi and rng.random() < 0.5 else "bios",
+            "uefiSupport": uefi,
+        }
+        if source in OFFLINE_SOURCES:
+            image["offline"] = rng.random() < self._offline_ratio
+        image.update(_sdk_fields(self._extras_rng, source, owner))
+        return image
+
+    def _disks(self, windows: bool) -> tuple[bool, int, str, dict[str, Any], list[dict[str, Any]]]:
+        """(local root, system disk GiB, snapshotId, systemDisk, dataDisks) of a new image
+        (the random draws in the order the catalogue of a seed depends on)."""
+        rng = self._rng
         local_root = rng.random() < 0.15
         system_size = rng.choice((50, 60, 80)) if windows else rng.choice((20, 40, 40, 40, 60))
         snapshot_id = "" if local_root else self._new_id("snapshot-")
@@ -684,34 +718,7 @@ class Catalogue:
             }
             for position in range(rng.choices((0, 1, 2, 3), cum_weights=(6, 8, 9, 10))[0])
         ]
-        uefi = rng.random() < (0.3 if create_time.year >= 2021 else 0.05)
-        image: dict[str, Any] = {
-            "imageId": self._new_id("img-"),
-            "name": name,
-            "platform": platform,
-            "osVersion": os_version,
-            "architecture": architecture,
-            "systemDiskSizeGB": system_size,
-            "imageSource": source,
-            "osType": os_type,
-            "status": status,
-            "createTime": create_time.astimezone(BEIJING).strftime(TIME_FORMAT),
-            "sizeMB": rng.randrange(1200, 30000) if status == "ready" else 0,
-            "desc": rng.choice(_DESCRIPTIONS),
-            "ownerPin": owner,
-            "launchPermission": permission,
-            "systemDisk": system_disk,
-            "dataDisks": data_disks,
-            "snapshotId": snapshot_id,
-            "rootDeviceType": "localDisk" if local_root else "cloudDisk",
-            "progress": progress,
-            "bootMode": "uefi" if uefi and rng.random() < 0.5 else "bios",
-            "uefiSupport": uefi,
-        }
-        if source in OFFLINE_SOURCES:
-            image["offline"] = rng.random() < self._offline_ratio
-        image.update(_sdk_fields(self._extras_rng, source, owner))
-        return image
+        return local_root, system_size, snapshot_id, system_disk, data_disks
 
 
 def _identity(

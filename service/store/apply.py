@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.normalize import (
@@ -33,10 +34,12 @@ from service.normalize import (
     KNOWN_FIELDS,
     ImageExtras,
     ImageRow,
+    disk_record,
     image_record,
 )
 from service.store.feed import event_id_floor, record_batch
-from service.store.tables import EVENT_TYPES
+from service.store.tables import image_disks, images
+from service.vocabulary import EVENT_TYPES
 
 PARTITION_LOCK_SPACE = 0x1D5C
 """First key of the two-key advisory locks taken on partitions."""
@@ -70,28 +73,29 @@ _DISK_DOC = (
     + ") ORDER BY d.position)"
 )
 
+_STAGE_EXTRA_COLUMNS = ("image_id", *EXTRA_COLUMNS)
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _staging_table(name: str, columns: Sequence[str], table: sa.Table, *, key: str = "") -> str:
+    """``CREATE TEMP TABLE`` for a staging table of ``columns``, each typed as the column
+    of that name in ``table`` (``listing`` is the listing's index); ``key`` its primary
+    key. So staging cannot drift from :mod:`service.store.tables`."""
+    quote = _PG.identifier_preparer.quote
+    defs = [
+        f"{quote(c)} "
+        + ("smallint" if c == "listing" else table.c[c].type.compile(dialect=_PG).lower())
+        + (" PRIMARY KEY" if c == key else "")
+        for c in columns
+    ]
+    return f"CREATE TEMP TABLE {name} ({', '.join(defs)}) ON COMMIT DROP"
+
+
 _CREATE_STAGING = [
-    """CREATE TEMP TABLE stage_images (
-        region_id text, image_id text, image_source text, name text, platform text,
-        os_version text, architecture text, os_type text, status text, description text,
-        owner_pin text, launch_permission text, root_device_type text, snapshot_id text,
-        boot_mode text, system_disk_size_gb integer, size_mb integer, progress integer,
-        created_at timestamptz, "offline" boolean, login_name text, imported boolean,
-        expired_at timestamptz, instance_id text, charge_service_code text,
-        charge_formula jsonb, content_hash bytea, raw jsonb, listing smallint,
-        shared_with text[], instance_types_constraint text, instance_types text[]
-    ) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_extras (
-        image_id text PRIMARY KEY, shared_with text[], instance_types_constraint text,
-        instance_types text[]
-    ) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_seen (image_id text, listing smallint) ON COMMIT DROP""",
-    """CREATE TEMP TABLE stage_disks (
-        image_id text, position smallint, role text, device_name text, disk_category text,
-        auto_delete boolean, cloud_disk_type text, cloud_disk_size_gb integer,
-        cloud_iops integer, cloud_snapshot_id text, cloud_encrypted boolean,
-        local_disk_type text, local_disk_size_gb integer, listing smallint
-    ) ON COMMIT DROP""",
+    _staging_table("stage_images", (*_STAGE_IMAGE_COLUMNS, *EXTRA_COLUMNS), images),
+    _staging_table("stage_extras", _STAGE_EXTRA_COLUMNS, images, key="image_id"),
+    _staging_table("stage_seen", ("image_id", "listing"), images),
+    _staging_table("stage_disks", _STAGE_DISK_COLUMNS, image_disks),
 ]
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
@@ -182,6 +186,14 @@ SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
                         WHERE c.old_doc -> k IS DISTINCT FROM c.new_doc -> k ORDER BY k)
        END AS changed
   FROM stage_changes c
+"""
+
+_SUCCEEDED = """
+SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions
+                WHERE region_id = :region AND image_source = :source AND status = 'succeeded')
+"""
+_COUNT_SEEN = """
+SELECT count(*) FROM (SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen) ids
 """
 
 _EVENT_INSERT = """
@@ -349,7 +361,7 @@ class PartitionWriter:
             records=[(*image_record(r), listing) for r in rows],
             columns=_STAGE_IMAGE_COLUMNS,
         )
-        disks = [(r.image_id, *_disk_tuple(d), listing) for r in rows for d in r.disks]
+        disks = [(r.image_id, *disk_record(d), listing) for r in rows for d in r.disks]
         if disks:
             await self._driver.copy_records_to_table(
                 "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
@@ -387,7 +399,7 @@ class PartitionWriter:
             await self._driver.copy_records_to_table(
                 "stage_extras",
                 records=[e.record() for e in extras],
-                columns=("image_id", *EXTRA_COLUMNS),
+                columns=_STAGE_EXTRA_COLUMNS,
             )
 
     async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
@@ -437,42 +449,12 @@ class PartitionWriter:
         # The first successful sync of a partition records the initial load: its events
         # are `baseline` (the images existed before the service watched them). Only a
         # complete merge becomes a success; the partition's lock keeps this stable.
-        params["baseline"] = remove_missing and not await conn.scalar(
-            sa.text(
-                "SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions"
-                " WHERE region_id = :region AND image_source = :source"
-                " AND status = 'succeeded')"
-            ),
-            params,
-        )
+        params["baseline"] = remove_missing and not await conn.scalar(sa.text(_SUCCEEDED), params)
         floor = await event_id_floor(conn)  # for the change feed, below
-        await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
-        await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
-        await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
-        if len(self._listings) > 1:
-            # An image that moved between the online and offline listings while they
-            # were read can be in both: keep one (the offline listing's), never two.
-            # (Within one listing the process staged each image once.)
-            await conn.execute(sa.text(_DEDUPE_IMAGES))
-            await conn.execute(sa.text(_DEDUPE_UNCHANGED))
-            await conn.execute(sa.text(_DEDUPE_DISKS))
-        # Statistics of the join keys only, from a small sample (3,000 rows): a full
-        # one read the whole staging table, 0.1 s on a 40,000-image partition.
-        await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
-        await conn.execute(sa.text("ANALYZE stage_seen"))
-        await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
-        await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
+        await self._prepare_staging()
         if self._extras:
             await self._apply_extras(params)
-        seen = (
-            await conn.scalar(
-                sa.text(
-                    "SELECT count(*) FROM (SELECT image_id FROM stage_images"
-                    " UNION SELECT image_id FROM stage_seen) ids"
-                )
-            )
-            or 0
-        )
+        seen = await conn.scalar(sa.text(_COUNT_SEEN)) or 0
         await conn.execute(sa.text(_CLASSIFY), params)
         await conn.execute(sa.text(_DIFF))
         counts: dict[str, int] = {}
@@ -510,6 +492,27 @@ class PartitionWriter:
         )
         return merged
 
+    async def _prepare_staging(self) -> None:
+        """Index staging, keep one copy of an image staged by both listings, and gather
+        the statistics the merge's plans need."""
+        conn = self._conn
+        await conn.execute(sa.text("CREATE INDEX ON stage_images (image_id)"))
+        await conn.execute(sa.text("CREATE INDEX ON stage_disks (image_id)"))
+        await conn.execute(sa.text("CREATE INDEX ON stage_seen (image_id)"))
+        if len(self._listings) > 1:
+            # An image that moved between the online and offline listings while they
+            # were read can be in both: keep one (the offline listing's), never two.
+            # (Within one listing the process staged each image once.)
+            await conn.execute(sa.text(_DEDUPE_IMAGES))
+            await conn.execute(sa.text(_DEDUPE_UNCHANGED))
+            await conn.execute(sa.text(_DEDUPE_DISKS))
+        # Statistics of the join keys only, from a small sample: a full one reads the
+        # whole staging table (bench/README.md, "Constants and their numbers").
+        await conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
+        await conn.execute(sa.text("ANALYZE stage_seen"))
+        await conn.execute(sa.text("ANALYZE stage_images (image_id, listing)"))
+        await conn.execute(sa.text("ANALYZE stage_disks (image_id, listing)"))
+
     async def _apply_extras(self, params: dict[str, Any]) -> None:
         conn = self._conn
         await conn.execute(sa.text(_PROMOTE_SEEN), params)
@@ -518,11 +521,3 @@ class PartitionWriter:
             await conn.execute(sa.text(_PROMOTE_DISKS), params)
             await conn.execute(sa.text(_UNSEE_PROMOTED))
         await conn.execute(sa.text(_SET_EXTRAS))
-
-
-def _disk_tuple(d: Any) -> tuple[Any, ...]:
-    return (
-        d.position, d.role, d.device_name, d.disk_category, d.auto_delete, d.cloud_disk_type,
-        d.cloud_disk_size_gb, d.cloud_iops, d.cloud_snapshot_id, d.cloud_encrypted,
-        d.local_disk_type, d.local_disk_size_gb,
-    )  # fmt: skip

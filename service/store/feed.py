@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.errors import DatabaseError
+from service.store.engine import connect, database_errors
 from service.store.tables import FEED_POSITION_BITS
 
 CHANNEL = "inventory_changes"
@@ -190,7 +191,7 @@ async def read_changes(conn: AsyncConnection, cursor: int, max_rows: int = 1000)
 async def listen(engine: AsyncEngine) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     """``LISTEN inventory_changes`` on a pooled connection held while the block runs;
     the queue receives each notification's payload (a commit that recorded events)."""
-    async with engine.connect() as conn:
+    async with connect(engine, "cannot LISTEN") as conn:
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -274,6 +275,7 @@ async def try_lock_subscriber(conn: AsyncConnection, subscriber: str) -> bool:
     )
 
 
+@database_errors("cannot release a webhook subscriber's lock")
 async def unlock_subscriber(conn: AsyncConnection, subscriber: str) -> None:
     await conn.execute(
         sa.text("SELECT pg_advisory_unlock(:space, :key)"),

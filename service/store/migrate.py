@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import migrations
 from service.errors import DatabaseError, SchemaNotCurrent
-from service.store.engine import describe_error
+from service.store.engine import database_errors
 from service.store.tables import SCHEMA
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
@@ -54,6 +54,7 @@ _MAY_NOT_CREATE_READER = sa.text(
 )
 
 
+@database_errors("cannot migrate the schema")
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Upgrade the schema (idempotent).
 
@@ -71,19 +72,15 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
                     f"runs `CREATE ROLE {READER_ROLE} NOLOGIN` once, then `image-sync migrate` "
                     "again (docs/operations.md, Database and roles)"
                 )
-    try:
-        await _run(engine, "upgrade", revision)
-    except sa.exc.DBAPIError as exc:
-        # A failed migration rolls back as a whole (one transaction): say why in one line.
-        raise DatabaseError(
-            f"the migration failed and changed nothing: {describe_error(exc, str(engine.url))}"
-        ) from None
+    await _run(engine, "upgrade", revision)
 
 
+@database_errors("cannot downgrade the schema")
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
     await _run(engine, "downgrade", revision)
 
 
+@database_errors("cannot read the schema's revision")
 async def current_revision(engine: AsyncEngine) -> str | None:
     def read(connection: Connection) -> str | None:
         context = MigrationContext.configure(connection, opts={"version_table_schema": SCHEMA})

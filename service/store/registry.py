@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.errors import DatabaseError
-from service.store.engine import describe_error
+from service.store.engine import transaction
 
 _CONFIGURE = """
 INSERT INTO inventory.partitions
@@ -80,19 +79,14 @@ async def register_partitions(
         "regions": [region for _, region, _ in partitions],
         "sources": [source for _, _, source in partitions],
     }
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(sa.text(_CONFIGURE), params)
-            await conn.execute(sa.text(_UNCONFIGURE), params)
-            if accounts:
-                names = {
-                    "names": [name for name, _, _ in accounts],
-                    "roles": [role for _, role, _ in accounts],
-                    "regions": [",".join(regions) for _, _, regions in accounts],
-                }
-                await conn.execute(sa.text(_CONFIGURE_ACCOUNTS), names)
-                await conn.execute(sa.text(_UNCONFIGURE_ACCOUNTS), names)
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
-        raise DatabaseError(
-            f"cannot register the configured partitions: {describe_error(exc, str(engine.url))}"
-        ) from None
+    async with transaction(engine, "cannot register the configured partitions") as conn:
+        await conn.execute(sa.text(_CONFIGURE), params)
+        await conn.execute(sa.text(_UNCONFIGURE), params)
+        if accounts:
+            names = {
+                "names": [name for name, _, _ in accounts],
+                "roles": [role for _, role, _ in accounts],
+                "regions": [",".join(regions) for _, _, regions in accounts],
+            }
+            await conn.execute(sa.text(_CONFIGURE_ACCOUNTS), names)
+            await conn.execute(sa.text(_UNCONFIGURE_ACCOUNTS), names)

@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.errors import DatabaseError
+from service.jdcloud.listing import Partition
 from service.store.apply import MergeCounts
+from service.store.engine import DRIVER_ERRORS, database_errors
 from service.store.tables import sync_partitions, sync_runs
 
 RUN_LOCK_SPACE = 0x1D5D
@@ -33,16 +35,13 @@ RUN_IS_LIVE = f"""EXISTS (
 
 
 @dataclass(frozen=True, slots=True)
-class PartitionRecord:
-    """One row of ``sync_partitions``: the merge's counts and the rest of the outcome."""
+class PartitionReport:
+    """The outcome of one partition in one run: what the sync reports and, unless its
+    status is one of :data:`~service.vocabulary.NOT_RECORDED`, one ``sync_partitions``
+    row."""
 
-    run_id: int
-    region_id: str
-    image_source: str
+    partition: Partition
     status: str
-    seconds: float
-    """How long the partition took (the process's monotonic clock; the database's clock
-    places it: it finished when recorded, and started ``seconds`` before)."""
     counts: MergeCounts = field(default_factory=MergeCounts)
     pages: int = 0
     api_requests: int = 0
@@ -51,12 +50,16 @@ class PartitionRecord:
     invalid_items: int = 0
     error_status: str | None = None
     error_message: str | None = None
+    seconds: float = 0.0
+    """How long the partition took (the process's monotonic clock; the database's clock
+    places it: it finished when recorded, and started ``seconds`` before)."""
     account: str | None = None
     """The account of an account partition; None for a catalogue partition."""
 
 
 async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:
-    """Insert a ``running`` run and take its liveness lock on ``lock_conn`` (autocommit)."""
+    """Insert a ``running`` run and take its liveness lock on ``lock_conn`` (autocommit,
+    from :func:`~service.store.engine.connect`, which translates driver errors)."""
     run_id: int = await lock_conn.scalar(
         sa.insert(sync_runs)
         .values(
@@ -84,38 +87,49 @@ async def release_run(lock_conn: AsyncConnection, run_id: int) -> None:
             sa.text("SELECT pg_advisory_unlock(:space, :key)"),
             {"space": RUN_LOCK_SPACE, "key": run_id % (1 << 31)},
         )
-    except (OSError, sa.exc.SQLAlchemyError):
+    except DRIVER_ERRORS:
         await lock_conn.invalidate()  # a broken connection: its locks died with it
 
 
 async def finish_run(
     engine: AsyncEngine, run_id: int, *, status: str, totals: dict[str, int], error: str | None
 ) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(
-            sa.update(sync_runs)
-            .where(sync_runs.c.run_id == run_id)
-            .values(finished_at=sa.func.now(), status=status, error_message=error, **totals)
-        )
+    """Close the run: its status, totals and error (one line or None)."""
+    with database_errors(f"run {run_id} ended {status} but could not be recorded"):
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.update(sync_runs)
+                .where(sync_runs.c.run_id == run_id)
+                .values(finished_at=sa.func.now(), status=status, error_message=error, **totals)
+            )
 
 
-async def record_partition(conn: AsyncConnection, record: PartitionRecord) -> None:
+async def record_partition(conn: AsyncConnection, run_id: int, report: PartitionReport) -> None:
     """Insert one partition outcome (in the caller's transaction)."""
-    await record_partitions(conn, [record])
+    await record_partitions(conn, run_id, [report])
 
 
-async def record_partitions(conn: AsyncConnection, records: Sequence[PartitionRecord]) -> None:
-    """Insert partition outcomes in one multi-row statement (in the caller's transaction).
+async def record_partitions(
+    conn: AsyncConnection, run_id: int, reports: Sequence[PartitionReport]
+) -> None:
+    """Insert partition outcomes in one multi-row statement (in the caller's transaction,
+    whose block translates driver errors: :class:`~service.store.engine.database_errors`).
 
     Their times come from the database's clock, as the runs' do: a replica whose clock
     is off neither misplaces the rows nor moves the freshness guard
     (:meth:`~service.store.apply.PartitionWriter.succeeded_within`)."""
-    if not records:
+    if not reports:
         return
     rows: list[dict[str, Any]] = []
-    for record in records:
-        values: dict[str, Any] = {f: getattr(record, f) for f in PartitionRecord.__slots__}
-        values.update(asdict(values.pop("counts")))
+    for report in reports:
+        values: dict[str, Any] = {f: getattr(report, f) for f in PartitionReport.__slots__}
+        partition: Partition = values.pop("partition")
+        values.update(
+            asdict(values.pop("counts")),
+            run_id=run_id,
+            region_id=partition.region,
+            image_source=partition.source,
+        )
         seconds = sa.literal(max(0.0, values.pop("seconds")), sa.Float)
         values["finished_at"] = sa.func.clock_timestamp()
         values["started_at"] = sa.func.clock_timestamp() - sa.func.make_interval(
@@ -125,6 +139,7 @@ async def record_partitions(conn: AsyncConnection, records: Sequence[PartitionRe
     await conn.execute(sa.insert(sync_partitions).values(rows))
 
 
+@database_errors("cannot check for abandoned runs")
 async def mark_abandoned(engine: AsyncEngine) -> int:
     """Mark ``abandoned`` every ``running`` run whose process no longer holds its lock."""
     async with engine.begin() as conn:
@@ -159,6 +174,7 @@ DELETE FROM inventory.sync_runs r
 """
 
 
+@database_errors("cannot prune old runs")
 async def prune_runs(engine: AsyncEngine, keep_days: int) -> int:
     """Delete the runs (and, by cascade, their ``sync_partitions`` rows) that started more
     than ``keep_days`` days ago, unless an event references them or they hold a
@@ -166,3 +182,20 @@ async def prune_runs(engine: AsyncEngine, keep_days: int) -> int:
     async with engine.begin() as conn:
         result = await conn.execute(sa.text(_PRUNE), {"days": keep_days})
         return result.rowcount
+
+
+_LAST_SUCCESS = """
+SELECT region_id, image_source,
+       extract(epoch FROM max(finished_at))::double precision AS last_success
+  FROM inventory.sync_partitions
+ WHERE status = 'succeeded'
+ GROUP BY region_id, image_source
+"""
+
+
+@database_errors("cannot read the partitions' last successes")
+async def last_successes(engine: AsyncEngine) -> dict[Partition, float]:
+    """Unix time of each partition's newest success (partitions never synced absent)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.text(_LAST_SUCCESS))).all()
+    return {Partition(r.region_id, r.image_source): r.last_success for r in rows}

@@ -27,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from service.vocabulary import EVENT_TYPES, PARTITION_STATUSES, RUN_STATUSES
+
 SCHEMA = "inventory"
 
 metadata = MetaData(
@@ -40,20 +42,8 @@ metadata = MetaData(
     },
 )
 
-EVENT_TYPES = (
-    "created",
-    "updated",
-    "went_offline",
-    "came_online",
-    "removed",
-    "reappeared",
-    "access_granted",
-    "access_revoked",
-)
 ACCESS_SOURCES = ("private", "shared")
 """Sources whose images an account sees as its own or shared with it (image_access)."""
-RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
-PARTITION_STATUSES = ("succeeded", "incomplete", "failed", "skipped_locked")
 
 
 def _tz(name: str, comment: str, *, nullable: bool = True) -> Column[object]:

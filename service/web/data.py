@@ -1,9 +1,9 @@
-"""What the status server reads from PostgreSQL: readiness, metric gauges, page data.
+"""What the status server shows, from the store's read queries: readiness, metric
+gauges, page data.
 
-Only the views and run tables of schema ``inventory`` are read (``sync_health``,
-``inventory_summary``, ``offline_transitions``, ``sync_runs``, ``sync_partitions``);
-nothing here writes. The health, runs and summary queries are those of
-``image-sync status`` (:mod:`service.report`).
+The queries are :mod:`service.store.status` (the same as ``image-sync status``'s); this
+module turns their rows into the gauges and the page's data (transition buckets with
+the empty ones filled in). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -12,52 +12,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.config import OFFLINE_SOURCES
 from service.metrics import Metrics
-from service.report import HEALTH_SQL, RUNS_SQL, SUMMARY_SQL
+from service.store import status
+from service.store.engine import Connection
 from service.store.feed import SubscriberStatus, subscriber_statuses
-
-NEWEST_SUCCESS_SQL = """
-SELECT extract(epoch FROM clock_timestamp() - max(finished_at))::double precision
-  FROM inventory.sync_partitions
- WHERE status = 'succeeded' AND region_id = ANY(:regions) AND image_source = ANY(:sources)
-"""
-IMAGES_GAUGE_SQL = """
-SELECT region_id, image_source, offline, sum(images)::bigint AS images
-  FROM inventory.inventory_summary GROUP BY region_id, image_source, offline
-"""
-LAST_SUCCESS_GAUGE_SQL = """
-SELECT region_id, image_source, extract(epoch FROM last_success_at)::double precision AS ts
-  FROM inventory.sync_health WHERE last_success_at IS NOT NULL
-"""
-FAILING_GAUGE_SQL = """
-SELECT region_id, image_source FROM inventory.sync_health
- WHERE last_status IN ('failed', 'incomplete')
-"""
-TRANSITIONS_RANGE_SQL = """
-SELECT min(occurred_at) FROM inventory.offline_transitions WHERE occurred_at >= :since
-"""
-TRANSITIONS_SQL = """
-SELECT date_bin(make_interval(secs => :bucket), occurred_at, timestamptz '2000-01-01 00:00Z')
-           AS bucket,
-       count(*) FILTER (WHERE event_type = 'went_offline')::bigint AS went_offline,
-       count(*) FILTER (WHERE event_type = 'came_online')::bigint AS came_online
-  FROM inventory.offline_transitions
- WHERE occurred_at >= :since
- GROUP BY 1 ORDER BY 1
-"""
-DURATIONS_SQL = """
-SELECT run_id, started_at, status, partitions,
-       extract(epoch FROM finished_at - started_at)::double precision AS seconds
-  FROM inventory.sync_runs
- WHERE finished_at IS NOT NULL
- ORDER BY run_id DESC LIMIT :n
-"""
+from service.store.status import HealthRow, RunDuration, RunRow, SummaryRow, TransitionBucket
 
 TRANSITIONS_WINDOW = timedelta(days=7)
 """How far back the offline-transitions chart looks."""
@@ -71,18 +32,8 @@ def offline_label(offline: bool | None) -> str:
     return "none" if offline is None else str(offline).lower()
 
 
-async def newest_success_age(
-    conn: AsyncConnection, regions: Sequence[str], sources: Sequence[str]
-) -> float | None:
-    """Seconds since any configured partition last succeeded; None when none ever did."""
-    age = await conn.scalar(
-        sa.text(NEWEST_SUCCESS_SQL), {"regions": list(regions), "sources": list(sources)}
-    )
-    return None if age is None else float(age)
-
-
 async def refresh_gauges(
-    conn: AsyncConnection,
+    conn: Connection,
     metrics: Metrics,
     regions: Sequence[str],
     sources: Sequence[str],
@@ -97,12 +48,9 @@ async def refresh_gauges(
         for source in sources:
             for offline in (False, True) if source in OFFLINE_SOURCES else (None,):
                 images[region, source, offline_label(offline)] = 0
-    for row in (await conn.execute(sa.text(IMAGES_GAUGE_SQL))).all():
+    for row in await status.images_gauge(conn):
         images[row.region_id, row.image_source, offline_label(row.offline)] = row.images
-    last = {
-        (row.region_id, row.image_source): row.ts
-        for row in (await conn.execute(sa.text(LAST_SUCCESS_GAUGE_SQL))).all()
-    }
+    last = await status.last_success_times(conn)
     metrics.images.clear()
     for labels, value in images.items():
         metrics.images.labels(*labels).set(value)
@@ -111,25 +59,16 @@ async def refresh_gauges(
         metrics.last_success.labels(region, source).set(ts)
     # Red in the tick that failed (refused credentials, unreachable endpoint), not only
     # once the last success has aged past the stale threshold.
-    failing = {
-        (r.region_id, r.image_source) for r in await conn.execute(sa.text(FAILING_GAUGE_SQL))
-    }
+    failing = await status.failing_partitions(conn)
     metrics.partition_failing.clear()
     for region in regions:
         for source in sources:
             metrics.partition_failing.labels(region, source).set(int((region, source) in failing))
-    for status in await subscriber_statuses(conn):
-        name = status.state.subscriber
-        metrics.webhook_failing.labels(name).set(1 if status.state.failing else 0)
-        metrics.webhook_lag_events.labels(name).set(status.lag.events)
-        metrics.webhook_lag_seconds.labels(name).set(status.lag.seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class TransitionBucket:
-    start: datetime
-    went_offline: int
-    came_online: int
+    for subscriber in await subscriber_statuses(conn):
+        name = subscriber.state.subscriber
+        metrics.webhook_failing.labels(name).set(1 if subscriber.state.failing else 0)
+        metrics.webhook_lag_events.labels(name).set(subscriber.lag.events)
+        metrics.webhook_lag_seconds.labels(name).set(subscriber.lag.seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,22 +80,13 @@ class Transitions:
 
 
 @dataclass(frozen=True, slots=True)
-class RunDuration:
-    run_id: int
-    started_at: datetime
-    status: str
-    partitions: int
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
 class PageData:
     """Everything the status page shows, read in one go."""
 
     now: datetime
-    health: list[sa.Row[Any]]
-    runs: list[sa.Row[Any]]
-    summary: list[sa.Row[Any]]
+    health: list[HealthRow]
+    runs: list[RunRow]
+    summary: list[SummaryRow]
     transitions: Transitions
     durations: list[RunDuration]
     webhooks: list[SubscriberStatus] = field(default_factory=list)
@@ -170,14 +100,14 @@ def bucket_width(span_seconds: float) -> int:
     return BUCKET_SECONDS[-1]
 
 
-async def transitions(conn: AsyncConnection, now: datetime) -> Transitions:
+async def transitions(conn: Connection, now: datetime) -> Transitions:
     since = now - TRANSITIONS_WINDOW
-    first = await conn.scalar(sa.text(TRANSITIONS_RANGE_SQL), {"since": since})
+    first = await status.first_transition(conn, since)
     if first is None:
         return Transitions(3600, ())
     width = bucket_width((now - first).total_seconds())
-    rows = (await conn.execute(sa.text(TRANSITIONS_SQL), {"bucket": width, "since": since})).all()
-    counted = {row.bucket: row for row in rows}
+    rows = await status.transition_counts(conn, since, width)
+    counted = {row.start: row for row in rows}
     # Every bucket from the first event to now, empty ones included: time reads left to right.
     epoch = datetime(2000, 1, 1, tzinfo=UTC)
     start = epoch + timedelta(seconds=math.floor((first - epoch).total_seconds() / width) * width)
@@ -191,18 +121,14 @@ async def transitions(conn: AsyncConnection, now: datetime) -> Transitions:
     return Transitions(width, tuple(buckets))
 
 
-async def page_data(conn: AsyncConnection, *, runs: int = 12, durations: int = 40) -> PageData:
-    now = await conn.scalar(sa.text("SELECT now()"))
-    assert isinstance(now, datetime)
+async def page_data(conn: Connection, *, runs: int = 12, durations: int = 40) -> PageData:
+    now = await status.database_now(conn)
     return PageData(
         now=now,
-        health=list((await conn.execute(sa.text(HEALTH_SQL))).all()),
-        runs=list((await conn.execute(sa.text(RUNS_SQL), {"n": runs})).all()),
-        summary=list((await conn.execute(sa.text(SUMMARY_SQL))).all()),
+        health=await status.partition_health(conn),
+        runs=await status.recent_runs(conn, runs),
+        summary=await status.inventory_summary(conn),
         transitions=await transitions(conn, now),
-        durations=[
-            RunDuration(r.run_id, r.started_at, r.status, r.partitions, r.seconds)
-            for r in reversed((await conn.execute(sa.text(DURATIONS_SQL), {"n": durations})).all())
-        ],
+        durations=await status.run_durations(conn, durations),
         webhooks=await subscriber_statuses(conn),
     )

@@ -163,16 +163,14 @@ def _health(data: PageData, settings: Settings) -> str:
             else:
                 text = age_text(row.age_seconds) if row.last_success_at else "never"
                 sub = row.last_status or "not synced"
-            tip = (
-                f"{region}/{source}: last {sub}, last success {_time(row and row.last_success_at)}"
-            )
+            tip = f"{region}/{source}: last {sub}, last success {_time(row.last_success_at if row else None)}"
             cells.append(
                 f'<td><div class="cell {css}" title="{escape(tip)}">{escape(text)}'
                 f"<small>{escape(sub)}</small></div></td>"
             )
         body.append(f"<tr><th>{escape(region)}</th>{''.join(cells)}</tr>")
     errors = [
-        f"<li><b>{escape(r.region_id)}/{escape(r.image_source)}</b> {escape(r.last_status)}: "
+        f"<li><b>{escape(r.region_id)}/{escape(r.image_source)}</b> {escape(r.last_status or '')}: "
         f"{escape(r.last_error_status or '')} {escape(r.last_error_message or '')}</li>"
         for r in data.health
         if r.last_status != "succeeded" and (r.last_error_status or r.last_error_message)

@@ -22,25 +22,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-import sqlalchemy as sa
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.dburl import parse_database_url
-from service.errors import ListenError
+from service.errors import DatabaseError, ListenError
 from service.metrics import Metrics
-from service.store import migrate
-from service.store.engine import describe_error
+from service.store import migrate, status
+from service.store.engine import Engine, connect
 from service.web import data
 from service.web.page import render_page
-
-if TYPE_CHECKING:
-    from service.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +59,11 @@ _SECURITY_HEADERS = {
 
 @dataclass
 class StatusContext:
-    """What the status server reads. It owns none of it: the daemon (or a test) does."""
+    """What the status server reads. It owns none of it: the composition root
+    (:func:`service.app.run_daemon`) or a test does; ``stopping`` tells it the daemon's
+    shutdown began."""
 
-    engine: AsyncEngine
+    engine: Engine
     settings: Settings
     metrics: Metrics
     stopping: Callable[[], bool] = lambda: False
@@ -77,8 +74,7 @@ class StatusContext:
 
     def __post_init__(self) -> None:
         if not self.tick_interval:
-            s = self.settings
-            self.tick_interval = min(s.interval_for(source) for source in s.sources)
+            self.tick_interval = self.settings.tick_interval
 
 
 CONTEXT: web.AppKey[StatusContext] = web.AppKey("status_context", StatusContext)
@@ -117,22 +113,22 @@ async def readiness(context: StatusContext) -> tuple[bool, str]:
         return False, "shutting down"
     s = context.settings
     try:
-        async with asyncio.timeout(DB_TIMEOUT), context.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        async with asyncio.timeout(DB_TIMEOUT), connect(context.engine) as conn:
+            await status.ping(conn)
             revision = await migrate.revision_on(conn)
             if revision != context._head:
                 return False, (
                     f"the database schema is at {revision or 'nothing'}, "
                     f"this release needs {context._head}"
                 )
-            age = await data.newest_success_age(conn, s.regions, s.sources)
+            age = await status.newest_success_age(conn, s.regions, s.sources)
     except TimeoutError:
         return False, f"the database did not answer within {DB_TIMEOUT:g}s"
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
+    except DatabaseError as exc:
         # Unauthenticated: the kind of failure only. The driver's message may name the
         # host, port, user or database; the daemon's log has it.
-        kind = f"{_error_kind(exc)}; the daemon's log has the cause"
-        if isinstance(exc, sa.exc.ProgrammingError):  # e.g. permission denied: not "unmigrated"
+        kind = f"{exc.kind}; the daemon's log has the cause"
+        if exc.refused:  # e.g. permission denied: not "unmigrated"
             return False, f"the database refused the readiness check ({kind})"
         return False, f"database unreachable ({kind})"
     limit = STALE_AFTER_INTERVALS * context.tick_interval
@@ -141,11 +137,6 @@ async def readiness(context: StatusContext) -> tuple[bool, str]:
     if age > limit:
         return False, f"the last successful sync was {age:.0f}s ago (limit {limit:g}s)"
     return True, f"the last successful sync was {age:.0f}s ago"
-
-
-def _error_kind(exc: BaseException) -> str:
-    """The driver's error class, e.g. ConnectionRefusedError: says what, names nothing."""
-    return type(getattr(exc, "orig", None) or exc).__name__
 
 
 def _database_host(settings: Settings) -> str:
@@ -166,13 +157,12 @@ async def refresh_gauges(context: StatusContext) -> None:
             return
         s = context.settings
         try:
-            async with asyncio.timeout(DB_TIMEOUT), context.engine.connect() as conn:
+            async with asyncio.timeout(DB_TIMEOUT), connect(context.engine) as conn:
                 await data.refresh_gauges(conn, context.metrics, s.regions, s.sources)
-        except (TimeoutError, OSError, sa.exc.SQLAlchemyError) as exc:
+        except (TimeoutError, DatabaseError) as exc:
             # Serve the process's own counters anyway; the gauges keep their last values.
             log.warning(
-                "/metrics: database gauges not refreshed: %s",
-                describe_error(exc, str(context.engine.url)),
+                "/metrics: database gauges not refreshed: %s", str(exc) or type(exc).__name__
             )
             return
         context._gauges_at = time.monotonic()
@@ -192,13 +182,13 @@ async def status_page(request: web.Request) -> web.Response:
     page_data: data.PageData | None = None
     error: str | None = None
     try:
-        async with asyncio.timeout(DB_TIMEOUT), context.engine.connect() as conn:
+        async with asyncio.timeout(DB_TIMEOUT), connect(context.engine) as conn:
             page_data = await data.page_data(conn)
     except TimeoutError:
         error = f"the database did not answer within {DB_TIMEOUT:g}s"
-    except (OSError, sa.exc.SQLAlchemyError) as exc:
+    except DatabaseError as exc:
         # The page may name the database host, nothing more (no user, port or database).
-        error = f"database at {_database_host(context.settings)} unreachable ({_error_kind(exc)})"
+        error = f"database at {_database_host(context.settings)} unreachable ({exc.kind})"
     html = render_page(
         page_data,
         settings=context.settings,
@@ -224,24 +214,10 @@ async def serve_status(context: StatusContext, host: str, port: int) -> AsyncIte
         except OSError as exc:
             # Not a configuration error (exit 2, which systemd does not restart): the port
             # may be free again in a moment.
-            raise ListenError(f"IMAGE_SYNC_HTTP: cannot listen on {host}:{port}: {exc}") from None
+            raise ListenError(f"IMAGE_SYNC_HTTP: cannot listen on {host}:{port}: {exc}") from exc
         bound_host, bound_port = runner.addresses[0][:2]
         url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
         log.info("status server at %s", url)
         yield url
     finally:
         await runner.cleanup()
-
-
-@asynccontextmanager
-async def start_status_server(daemon: Daemon, host: str, port: int) -> AsyncIterator[str]:
-    """The daemon's status server."""
-    context = StatusContext(
-        engine=daemon.runtime.database.engine,
-        settings=daemon.settings,
-        metrics=daemon.runtime.metrics,
-        stopping=lambda: daemon.stopping,
-        tick_interval=daemon.tick_interval,
-    )
-    async with serve_status(context, host, port) as url:
-        yield url

@@ -1,0 +1,66 @@
+"""The configured accounts, resolved: each with its own key pair or an STS role.
+
+:func:`accounts_of` turns the settings (``[[accounts]]``, or the one account of the base
+pair named ``IMAGE_SYNC_ACCOUNT``) into :class:`Account` records, in configuration order
+(the order that decides which account lists a region's catalogue, DESIGN.md, Accounts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.jdcloud.signer import Credentials
+
+__all__ = ["Account", "RoleSpec", "accounts_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSpec:
+    """A role assumed through STS with the base pair."""
+
+    role_jrn: str
+    session_name: str
+    duration_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One configured account: its own key pair (``credentials``) or a role assumed with
+    ``base`` (the base pair), and the regions it covers."""
+
+    name: str
+    regions: tuple[str, ...]
+    credentials: Credentials | None = None
+    role: RoleSpec | None = None
+    base: Credentials | None = None
+
+    def __post_init__(self) -> None:
+        if (self.credentials is None) == (self.role is None):
+            raise ValueError("an account has either its own key pair or a role")
+        if self.role is not None and self.base is None:
+            raise ValueError("a role account needs the base pair")
+
+
+def accounts_of(settings: Settings, base: Credentials) -> tuple[Account, ...]:
+    """The accounts to sync, in configuration order; ``base`` is the base pair (the
+    settings' key pair, or the simulator's demo pair on a local endpoint)."""
+    if not settings.accounts:
+        return (Account(settings.account, settings.regions, credentials=base),)
+    out = []
+    for entry in settings.accounts:
+        regions = entry.regions or settings.regions
+        if entry.role_jrn is not None:
+            role = RoleSpec(
+                entry.role_jrn,
+                entry.session_name or f"image-sync-{entry.name}",
+                entry.duration_seconds,
+            )
+            out.append(Account(entry.name, regions, role=role, base=base))
+        elif entry.access_key and entry.secret_key is not None:
+            token = entry.security_token.get_secret_value() if entry.security_token else None
+            creds = Credentials(entry.access_key, entry.secret_key.get_secret_value(), token)
+            out.append(Account(entry.name, regions, credentials=creds))
+        else:
+            out.append(Account(entry.name, regions, credentials=base))
+    return tuple(out)
