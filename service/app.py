@@ -15,22 +15,26 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from service.config import Settings
 from service.daemon import Daemon
+from service.jdcloud.accounts import account_partitions, accounts_of
 from service.jdcloud.client import ImagesClient, open_session
-from service.jdcloud.listing import Partition, partitions_of
+from service.jdcloud.listing import Partition
 from service.jdcloud.signer import Credentials
+from service.jdcloud.sts import RoleCredentials, StsClient
+from service.logs import redact_from_now_on
 from service.metrics import Metrics
 from service.store import migrate
 from service.store.engine import Database, open_database
-from service.store.registry import register_configuration
+from service.store.registry import register_partitions
 from service.store.runs import mark_abandoned
+from service.sync import AccountClient
 from service.web.server import StatusContext, serve_status
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,35 @@ def credentials_of(settings: Settings) -> Credentials:
     return Credentials.demo()
 
 
+def account_clients(
+    settings: Settings, client: ImagesClient, session: aiohttp.ClientSession
+) -> list[AccountClient]:
+    """A client per configured account, in configuration order: its own key pair, or
+    its role's credentials from STS (assumed with the base pair, renewed in time, the
+    issued secrets redacted from the log). All share ``client``'s session and global
+    limit; each has its own rate windows (the gateway counts per account)."""
+    out = []
+    sts: dict[Credentials, StsClient] = {}
+    for account in accounts_of(settings, credentials_of(settings)):
+        if account.credentials is not None:
+            own = client.with_credentials(account.credentials)
+        else:
+            assert account.role is not None and account.base is not None
+            base = account.base
+            caller = sts.setdefault(
+                base, StsClient(session, endpoint=settings.sts_endpoint, base=base)
+            )
+            role = RoleCredentials(
+                caller,
+                account.role,
+                valid_for=settings.request_timeout,
+                on_secret=redact_from_now_on,
+            )
+            own = client.with_credentials(role)
+        out.append(AccountClient(account.name, account.regions, own))
+    return out
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -72,15 +105,41 @@ class Runtime:
     session: aiohttp.ClientSession
     client: ImagesClient
     metrics: Metrics
+    accounts: list[AccountClient] = field(default_factory=list)
 
     def partitions(
         self, regions: list[str] | None = None, sources: list[str] | None = None
     ) -> list[Partition]:
-        return partitions_of(regions or self.settings.regions, sources or self.settings.sources)
+        """The configured partitions (DESIGN.md, Accounts), ``regions``/``sources``
+        keeping only those."""
+        resolved = accounts_of(self.settings, credentials_of(self.settings))
+        return account_partitions(
+            resolved,
+            sources or self.settings.sources,
+            regions=regions or None,
+            named=bool(self.settings.accounts),
+        )
+
+    async def register(self, partitions: Sequence[Partition]) -> None:
+        """Write the configuration (accounts and partitions) to the registry."""
+        resolved = accounts_of(self.settings, credentials_of(self.settings))
+        await register_partitions(
+            self.database.engine,
+            [(p.account_or_none, p.region, p.source) for p in partitions],
+            [(a.name, a.role.role_jrn if a.role else None, a.regions) for a in resolved],
+        )
 
     def daemon(self) -> Daemon:
         """A scheduler on these parts (not started: :meth:`Daemon.serve` starts it)."""
-        return Daemon(self.settings, self.database.engine, self.client, self.session, self.metrics)
+        return Daemon(
+            self.settings,
+            self.database.engine,
+            self.client,
+            self.session,
+            self.metrics,
+            accounts=self.accounts,
+            partitions=self.partitions(),
+        )
 
 
 @asynccontextmanager
@@ -119,8 +178,9 @@ async def open_runtime(
             max_url_length=settings.max_url_length,
             metrics=metrics,
         )
+        accounts = account_clients(settings, client, session)
         tune_garbage_collector()
-        yield Runtime(settings, database, session, client, metrics)
+        yield Runtime(settings, database, session, client, metrics, accounts)
 
 
 async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> int:
@@ -173,7 +233,7 @@ async def _start_daemon(runtime: Runtime, stack: AsyncExitStack) -> Daemon:
     if abandoned:
         log.info("marked %d run(s) of stopped processes as abandoned", abandoned)
     daemon = runtime.daemon()
-    await register_configuration(engine, [(p.region, p.source) for p in daemon.partitions])
+    await runtime.register(daemon.partitions)
     address = runtime.settings.http_address
     if address is not None:
         context = StatusContext(

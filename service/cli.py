@@ -213,13 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"image-sync: configuration error: {exc}", file=sys.stderr)
         return 2
     except AuthError as exc:
-        print(
-            redactor.redact(
-                f"image-sync: the API refused the credentials ({exc}); check JDCLOUD_ACCESS_KEY "
-                "and JDCLOUD_SECRET_KEY"
-            ),
-            file=sys.stderr,
-        )
+        refused = exc.by_account or {}
+        if len(refused) <= 1 and not settings.accounts:
+            refused = {"": exc}
+        for account, error in refused.items():
+            where = "check JDCLOUD_ACCESS_KEY and JDCLOUD_SECRET_KEY"
+            if settings.accounts:
+                where = f"check the credentials of account {account} ([[accounts]])"
+            print(
+                redactor.redact(f"image-sync: the API refused the credentials ({error}); {where}"),
+                file=sys.stderr,
+            )
         return 1
     except DatabaseError as exc:
         print(redactor.redact(f"image-sync: database: {exc}"), file=sys.stderr)
@@ -268,7 +272,6 @@ def _region_argument(value: str) -> str:
 async def _sync(args: argparse.Namespace, settings: Settings) -> int:
     from service.app import open_runtime
     from service.progress import progress_for_terminal
-    from service.store.registry import register_configuration
     from service.sync import sync_once
 
     async with open_runtime(settings, apply_migrations=args.migrate) as rt:
@@ -276,9 +279,7 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> int:
         if not args.region and not args.source:
             # The configured partitions; a --region/--source run is a one-off and leaves
             # the registry (what health shows) alone.
-            await register_configuration(
-                rt.database.engine, [(p.region, p.source) for p in partitions]
-            )
+            await rt.register(partitions)
         with progress_for_terminal(partitions) as progress:
             report = await sync_once(
                 rt.database.engine,
@@ -288,6 +289,7 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> int:
                 trigger="cli",
                 metrics=rt.metrics,
                 progress=progress,
+                accounts=rt.accounts,
             )
     bad = [p for p in report.partitions if p.status in ("failed", "incomplete")]
     synced = sum(p.status == "succeeded" for p in report.partitions)

@@ -39,6 +39,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import aiohttp
@@ -54,7 +55,7 @@ from service.store import migrate
 from service.store.engine import Engine
 from service.store.feed import listen
 from service.store.runs import last_successes, prune_runs
-from service.sync import SyncReport, sync_once
+from service.sync import AccountClient, SyncReport, sync_once
 from service.webhooks import Dispatcher, subscribers_of
 
 __all__ = ["Daemon", "DaemonState"]
@@ -85,12 +86,22 @@ class Daemon:
         client: ImagesClient,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        *,
+        accounts: Sequence[AccountClient] = (),
+        partitions: Sequence[Partition] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.client = client
+        self.accounts = tuple(accounts)
+        """The configured accounts' clients (DESIGN.md, Accounts); none: ``client``
+        lists every partition."""
         self.metrics = metrics
-        self.partitions: list[Partition] = partitions_of(settings.regions, settings.sources)
+        self.partitions: list[Partition] = (
+            list(partitions)
+            if partitions is not None
+            else partitions_of(settings.regions, settings.sources)
+        )
         self.tick_interval = settings.tick_interval
         self.jitter = min(self.tick_interval * JITTER_FRACTION, MAX_JITTER)
         self.state = DaemonState.CREATED
@@ -180,6 +191,7 @@ class Daemon:
                 engine,
                 self.client,
                 due,
+                accounts=self.accounts,
                 page_size=self.settings.page_size,
                 trigger="schedule",
                 metrics=self.metrics,

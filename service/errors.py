@@ -48,10 +48,19 @@ class DatabaseError(ImageSyncError):
     permission denied) rather than not answering.
     """
 
-    def __init__(self, message: str, *, kind: str | None = None, refused: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        refused: bool = False,
+        retryable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.kind = kind or type(self).__name__
         self.refused = refused
+        self.retryable = retryable
+        """A deadlock or serialization failure: the transaction may simply run again."""
 
 
 class SchemaNotCurrent(DatabaseError):
@@ -121,3 +130,5 @@ class AuthError(ApiError):
 
     signed_with: object | None = None
     """The credentials the refused request was signed with (never shown)."""
+    by_account: dict[str, AuthError] | None = None
+    """Raised at the end of a run of several accounts: each refused account's error."""

@@ -107,3 +107,12 @@ def setup_logging(
     ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     return redactor
+
+
+def redact_from_now_on(secret: str) -> None:
+    """Add ``secret`` (e.g. a session token STS issued while running) to the redacting
+    filter of every handler :func:`setup_logging` installed."""
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters:
+            if isinstance(found, RedactingFilter):
+                found.add(secret)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
 from service.ingest import PartitionIntake, Progress
@@ -32,7 +32,6 @@ from service.store.runs import (
     finish_run,
     mark_abandoned,
     record_partition,
-    record_partitions,
     release_run,
     start_run,
 )
@@ -60,11 +59,30 @@ class SyncReport:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountClient:
+    """One configured account as a run uses it: its name, its regions (config order) and
+    the API client signing with its credentials."""
+
+    name: str
+    regions: tuple[str, ...]
+    client: ImagesClient
+
+
+MAX_MERGE_ATTEMPTS = 3
+"""Times a partition runs when its transaction meets a deadlock or serialization failure
+(merges of account partitions that share images): retried, never a failure before."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Run:
     """What every partition of one run shares."""
 
     engine: Engine
-    client: ImagesClient
+    clients: Mapping[str, ImagesClient]
+    """Account name -> its client (``""``: the one client of a caller naming no account)."""
+    listers: Mapping[str, tuple[str, ...]]
+    """Region -> the accounts covering it, in configuration order: who lists its
+    catalogue partitions (the next one when the first is refused)."""
     run_id: int
     started: float
     page_size: int
@@ -72,6 +90,17 @@ class _Run:
     metrics: Metrics | None
     fresh_within: Callable[[Partition], float] | None
     stop: asyncio.Event | None
+    refused: dict[str, AuthError] = field(default_factory=dict)
+    """Accounts whose credentials the API refused in this run: no further request."""
+
+    def listers_of(self, partition: Partition) -> tuple[str, ...]:
+        """The accounts that may list ``partition``, in the order they are tried."""
+        if "" in self.clients:  # a caller naming no account: its one client lists all
+            return ("",)
+        if partition.account:
+            return (partition.account,)
+        # A region no account covers (a one-off --region run): every account, in order.
+        return self.listers.get(partition.region) or tuple(self.clients)
 
 
 async def sync_once(
@@ -86,6 +115,7 @@ async def sync_once(
     partition_concurrency: int = 8,
     fresh_within: Callable[[Partition], float] | None = None,
     stop: asyncio.Event | None = None,
+    accounts: Sequence[AccountClient] = (),
 ) -> SyncReport:
     """List and apply every partition once; record the run. Never raises for API errors
     of one partition; raises :class:`AuthError` (after recording) when credentials fail
@@ -98,6 +128,12 @@ async def sync_once(
     started are left for a later run (reported as ``not_started``, not recorded): the
     daemon's shutdown. If the run is cancelled (shutdown), the partitions in hand roll
     back and the run is recorded as ``abandoned``.
+
+    With ``accounts`` (DESIGN.md, Accounts) an account partition is listed with its
+    account's client and a catalogue partition with the first account covering its
+    region; a refused account fails its partitions only (the other accounts sync), and
+    the :class:`AuthError` raised at the end carries every refusal in ``by_account``.
+    Without, ``client`` lists everything and a refusal stops the run.
     """
     started = time.monotonic()
     await mark_abandoned(engine)
@@ -105,9 +141,11 @@ async def sync_once(
         run_id = await start_run(lock_conn, trigger=trigger)
         try:
             log.info("run %d started: %d partitions", run_id, len(partitions))
+            clients = {a.name: a.client for a in accounts} or {"": client}
             run = _Run(
                 engine=engine,
-                client=client,
+                clients=clients,
+                listers=_listers(accounts),
                 run_id=run_id,
                 started=started,
                 page_size=page_size,
@@ -116,42 +154,44 @@ async def sync_once(
                 fresh_within=fresh_within,
                 stop=stop,
             )
-            reports, refusal = await _fan_out(run, partitions, partition_concurrency)
+            reports = await _fan_out(run, partitions, partition_concurrency)
+            refusal = next(iter(run.refused.values()), None)
+            result = await _finish(run, reports, refusal if not accounts else None)
             if refusal is not None:
-                for report in await _record_refused(run, partitions, reports, refusal):
-                    reports.append(report)
-                    _finished(run, report)
-            result = await _finish(run, reports, refusal)
-            if refusal is not None:
+                refusal.by_account = dict(run.refused)
                 raise refusal  # the client's own error: its cause and retry_after kept
             return result
         finally:
             await release_run(lock_conn, run_id)
 
 
+def _listers(accounts: Sequence[AccountClient]) -> dict[str, tuple[str, ...]]:
+    """Region -> the accounts covering it, in configuration order."""
+    listers: dict[str, tuple[str, ...]] = {}
+    for account in accounts:
+        for region in account.regions:
+            listers[region] = (*listers.get(region, ()), account.name)
+    return listers
+
+
 async def _fan_out(
     run: _Run, partitions: Sequence[Partition], concurrency: int
-) -> tuple[list[PartitionReport], AuthError | None]:
+) -> list[PartitionReport]:
     """Sync the partitions, at most ``concurrency`` at once; the reports in completion
-    order, and the refusal that cut the run short (the others are cancelled then)."""
+    order. A refused account's partitions fail (:func:`_with_listers`)."""
     gate = asyncio.Semaphore(max(1, concurrency))
 
     async def one(partition: Partition) -> PartitionReport:
         async with gate:
             if run.stop is not None and run.stop.is_set():
                 return PartitionReport(partition, "not_started")
-            return await _sync_partition(run, partition)
+            return await _with_listers(run, partition)
 
     tasks = [asyncio.ensure_future(one(p)) for p in partitions]
     reports: list[PartitionReport] = []
     try:
         for done in asyncio.as_completed(tasks):
-            try:
-                report = await done
-            except AuthError as exc:
-                for task in tasks:
-                    task.cancel()
-                return reports, exc
+            report = await done
             reports.append(report)
             _finished(run, report)
     except BaseException as exc:
@@ -164,7 +204,44 @@ async def _fan_out(
         raise
     finally:
         await asyncio.gather(*tasks, return_exceptions=True)
-    return reports, None
+    return reports
+
+
+async def _with_listers(run: _Run, partition: Partition) -> PartitionReport:
+    """The partition listed with the first of its accounts whose credentials are not
+    refused; when the API refuses them now, that account is refused for the rest of the
+    run (one line) and the next account covering the region lists a catalogue partition.
+    With every account refused the partition is ``failed`` with the API's refusal."""
+    refusal: AuthError | None = None
+    for lister in run.listers_of(partition):
+        if lister in run.refused:
+            refusal = run.refused[lister]
+            continue
+        try:
+            return await _sync_partition(run, partition, lister)
+        except AuthError as exc:
+            refusal = run.refused.setdefault(lister, exc)
+            if refusal is exc:
+                log.error(
+                    "account %s: the API refused the credentials (%s); its partitions fail",
+                    lister or "(the configured pair)",
+                    exc,
+                )
+    if refusal is None:  # no account covers the region (a caller's mistake)
+        report = PartitionReport(
+            partition, "failed", error_status="NO_ACCOUNT",
+            error_message=f"no configured account covers {partition.region}",
+        )  # fmt: skip
+    else:
+        report = PartitionReport(
+            partition,
+            "failed",
+            error_status=refusal.status or f"HTTP_{refusal.http_status}",
+            error_message=f"the API refused the credentials: {refusal.describe()}",
+            seconds=time.monotonic() - run.started,
+        )
+    await _record_outside(run, report)
+    return report
 
 
 async def _close_cut_short(
@@ -272,15 +349,32 @@ def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
             metrics.events.labels(event_type).inc(count)
 
 
-async def _sync_partition(run: _Run, partition: Partition) -> PartitionReport:
-    """One partition in its own transaction; its outcome, recorded. Raises only
-    :class:`AuthError` (the run stops) and cancellation."""
+async def _sync_partition(run: _Run, partition: Partition, lister: str) -> PartitionReport:
+    """One partition in its own transaction, listed with ``lister``'s client; its outcome,
+    recorded. A deadlock or serialization failure runs it again (at most
+    :data:`MAX_MERGE_ATTEMPTS` times). Raises only :class:`AuthError` and cancellation."""
     started = time.monotonic()
-    stats = RequestStats()
-    intake = PartitionIntake(
-        run.client, partition, page_size=run.page_size, stats=stats, progress=run.progress
-    )
     run.progress.partition_started(partition)
+    for attempt in range(1, MAX_MERGE_ATTEMPTS + 1):
+        stats = RequestStats()
+        intake = PartitionIntake(
+            run.clients[lister], partition, page_size=run.page_size, stats=stats,
+            progress=run.progress,
+        )  # fmt: skip
+        try:
+            return await _attempt_partition(run, partition, intake, started)
+        except DatabaseError as exc:
+            if not exc.retryable or attempt == MAX_MERGE_ATTEMPTS:
+                raise
+            log.info("partition %s: %s; running it again", partition, exc)
+    raise AssertionError("unreachable")
+
+
+async def _attempt_partition(
+    run: _Run, partition: Partition, intake: PartitionIntake, started: float
+) -> PartitionReport:
+    """One attempt of :func:`_sync_partition`; a retryable database error propagates."""
+    stats = intake.stats
     failure: tuple[str, str] | None = None
     try:
         async with transaction(run.engine) as conn:
@@ -290,6 +384,10 @@ async def _sync_partition(run: _Run, partition: Partition) -> PartitionReport:
                 await record_partition(conn, run.run_id, report)
     except AuthError:
         raise
+    except DatabaseError as exc:
+        if exc.retryable:
+            raise
+        failure = ("DATABASE", str(exc))
     except ApiError as exc:
         status = exc.status or (f"HTTP_{exc.http_status}" if exc.http_status else "API_ERROR")
         failure = (status, exc.describe())
@@ -317,7 +415,9 @@ async def _apply_partition(
 ) -> PartitionReport:
     """Lock, check freshness, take in the pages and merge them, on ``conn`` (in the
     partition's transaction); the report, not yet recorded."""
-    writer = PartitionWriter(conn, region=partition.region, source=partition.source)
+    writer = PartitionWriter(
+        conn, region=partition.region, source=partition.source, account=partition.account
+    )
     if not await writer.try_lock():
         return PartitionReport(partition, "skipped_locked")
     if run.fresh_within is not None and await writer.succeeded_within(run.fresh_within(partition)):
@@ -341,37 +441,6 @@ async def _apply_partition(
         error_status=error_status,
         error_message=error_message,
     )
-
-
-async def _record_refused(
-    run: _Run,
-    partitions: Sequence[Partition],
-    reports: Sequence[PartitionReport],
-    error: AuthError,
-) -> list[PartitionReport]:
-    """Record ``failed`` with the API's refusal every partition of the run that has no
-    outcome yet (the one refused, those cut short, those never started), so health,
-    status and alerts turn red in this tick rather than going stale in three intervals."""
-    status = error.status or f"HTTP_{error.http_status}"
-    message = f"the API refused the credentials: {error.describe()}"
-    done = {r.partition for r in reports}
-    refused = [
-        PartitionReport(
-            p,
-            "failed",
-            error_status=status,
-            error_message=message,
-            seconds=time.monotonic() - run.started,  # from the run's start: they waited that long
-        )
-        for p in partitions
-        if p not in done
-    ]
-    try:
-        async with transaction(run.engine) as conn:
-            await record_partitions(conn, run.run_id, refused)
-    except DatabaseError as exc:
-        log.error("could not record the partitions refused in run %d: %s", run.run_id, exc)
-    return refused
 
 
 async def _record_outside(run: _Run, report: PartitionReport) -> None:

@@ -31,7 +31,8 @@ from service.embedded import EmbeddedPostgres, throwaway_postgres
 INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
     "inventory.sync_partitions, inventory.sync_runs, inventory.partitions, "
-    "inventory.change_batches, inventory.webhook_cursors"
+    "inventory.change_batches, inventory.webhook_cursors, inventory.image_access, "
+    "inventory.accounts"
 )
 
 

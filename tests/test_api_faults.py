@@ -224,7 +224,7 @@ async def test_quota_exceeded_is_not_retried(engine: AsyncEngine, make_settings:
         ]
     assert len(to_partition) == 1 and to_partition[0]["status"] == 429
     (bad,) = [p for p in report.partitions if p.status != "succeeded"]
-    assert bad.partition == Partition("cn-north-1", "private")
+    assert bad.partition == Partition("cn-north-1", "private", "default")
     assert (bad.error_status, bad.api_requests, bad.retries) == ("QUOTA_EXCEEDED", 1, 0)
     assert "Quota exceeded" in (bad.error_message or "")
     row = (await partition_rows(engine))["cn-north-1/private"]

@@ -442,7 +442,10 @@ async def test_a_tick_syncs_only_the_due_partitions_of_each_source(
         )
         async with open_runtime(settings) as runtime:
             daemon = runtime.daemon()
-            public, private = Partition("cn-north-1", "public"), Partition("cn-north-1", "private")
+            public, private = (
+                Partition("cn-north-1", "public"),
+                Partition("cn-north-1", "private", "default"),
+            )
             assert daemon.tick_interval == 60
             assert (daemon.ticks_per_sync(public), daemon.ticks_per_sync(private)) == (3, 1)
             boundary = 60.0 * 20_000_000

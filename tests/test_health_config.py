@@ -154,11 +154,20 @@ async def test_a_configured_partition_never_synced_is_shown_and_a_dropped_one_is
 
 
 async def _register(engine: AsyncEngine, env: dict[str, str]) -> None:
-    from service.store.registry import register_configuration
+    """What a start of the one-account form registers: its account partitions are the
+    account ``default``'s."""
+    from service.store.registry import register_partitions
 
     sources = env["IMAGE_SYNC_SOURCES"].split(",")
     regions = ["cn-north-1", "cn-east-1", "cn-east-2", "cn-south-1"]
-    await register_configuration(engine, [(r, s) for r in regions for s in sources])
+    await register_partitions(
+        engine,
+        [
+            ("default" if s in ("private", "shared") else None, r, s)
+            for r in regions
+            for s in sources
+        ],
+    )
 
 
 # --- (8) the initial load is not news -----------------------------------------------------
@@ -310,9 +319,9 @@ def test_ages_are_never_negative() -> None:
 
 
 async def test_inventory_reader_reads_the_registry(engine: AsyncEngine) -> None:
-    from service.store.registry import register_configuration
+    from service.store.registry import register_partitions
 
-    await register_configuration(engine, [("cn-north-1", "private")])
+    await register_partitions(engine, [("default", "cn-north-1", "private")])
     async with engine.connect() as conn:
         await conn.execute(sa.text("SET ROLE inventory_reader"))
         rows = (await conn.execute(sa.text("SELECT * FROM inventory.partitions"))).all()

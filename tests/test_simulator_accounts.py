@@ -29,10 +29,9 @@ from jdcloud_sdk.services.vm.apis.DescribeImagesRequest import (
 from jdcloud_sdk.services.vm.client.VmClient import VmClient
 
 from service.errors import AuthError
-from service.jdcloud.accounts import RoleSpec
 from service.jdcloud.client import ImagesClient
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Credentials
-from service.jdcloud.sts import RoleCredentials, StsClient
+from service.jdcloud.sts import RoleCredentials, RoleSpec, StsClient
 from service.simulator import Catalogue, Simulator, running_simulator, simulator_in_thread
 from tests.sim_admin import admin_ok
 

@@ -22,9 +22,8 @@ from jdcloud_sdk.services.sts.client.StsClient import StsClient as SdkStsClient
 from jdcloud_sdk.services.sts.models.AssumeRoleInfo import AssumeRoleInfo
 
 from service.errors import AuthError, PermanentApiError
-from service.jdcloud.accounts import RoleSpec
 from service.jdcloud.signer import Credentials, verify_request
-from service.jdcloud.sts import RoleCredentials, StsClient, assume_role_request
+from service.jdcloud.sts import RoleCredentials, RoleSpec, StsClient, assume_role_request
 from tests.local_api import EMPTY_PAGE, local_api
 
 pytestmark = pytest.mark.filterwarnings(

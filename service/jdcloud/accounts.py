@@ -7,21 +7,15 @@ pair named ``IMAGE_SYNC_ACCOUNT``) into :class:`Account` records, in configurati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.config import Settings
+from service.config import ACCOUNT_SOURCES, CATALOGUE_SOURCES, Settings
+from service.jdcloud.listing import Partition
 from service.jdcloud.signer import Credentials
+from service.jdcloud.sts import RoleSpec
 
-__all__ = ["Account", "RoleSpec", "accounts_of"]
-
-
-@dataclass(frozen=True, slots=True)
-class RoleSpec:
-    """A role assumed through STS with the base pair."""
-
-    role_jrn: str
-    session_name: str
-    duration_seconds: int
+__all__ = ["Account", "RoleSpec", "account_partitions", "accounts_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +58,28 @@ def accounts_of(settings: Settings, base: Credentials) -> tuple[Account, ...]:
         else:
             out.append(Account(entry.name, regions, credentials=base))
     return tuple(out)
+
+
+def account_partitions(
+    accounts: Sequence[Account],
+    sources: Sequence[str],
+    *,
+    regions: Sequence[str] | None = None,
+    named: bool = True,
+) -> list[Partition]:
+    """The partitions of ``accounts``: each catalogue source once per region any account
+    covers (no account), each account source per (account, region); regions in the order
+    the accounts name them; ``regions`` (when given: a one-off run) instead of theirs. ``named``:
+    whether partition names show their account (False for the one-account form)."""
+    covered = list(dict.fromkeys(r for a in accounts for r in a.regions))
+    if regions is not None:
+        covered = list(regions)  # a one-off run: what the operator asked for
+    out = [Partition(r, s) for r in covered for s in sources if s in CATALOGUE_SOURCES]
+    for account in accounts:
+        out.extend(
+            Partition(r, s, account.name, named)
+            for r in (covered if regions is not None else account.regions)
+            for s in sources
+            if s in ACCOUNT_SOURCES
+        )
+    return out

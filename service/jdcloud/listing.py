@@ -37,13 +37,25 @@ class Listing:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Partition:
-    """One (region, source) pair: the unit that is locked, applied and recorded."""
+    """One partition identity (account, region, source): the unit that is locked,
+    applied and recorded. ``account`` is ``""`` for a catalogue partition (public,
+    thirdparty, community: listed once per region) and for the partitions of a caller
+    that names no account; recorded as null then."""
 
     region: str
     source: str
+    account: str = ""
+    named: bool = field(default=True, compare=False)
+    """Whether its name shows the account (not in the one-account form, whose output
+    stays as it was)."""
 
     def __str__(self) -> str:
-        return f"{self.region}/{self.source}"
+        where = f"{self.region}/{self.source}"
+        return f"{self.account}:{where}" if self.account and self.named else where
+
+    @property
+    def account_or_none(self) -> str | None:
+        return self.account or None
 
     def listings(self) -> tuple[Listing, ...]:
         """Two listings (``offline=false``, ``offline=true``) for public and thirdparty;

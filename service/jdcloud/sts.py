@@ -30,7 +30,6 @@ import aiohttp
 import orjson
 
 from service.errors import ApiError, AuthError, PermanentApiError, TransientApiError
-from service.jdcloud.accounts import RoleSpec
 from service.jdcloud.signer import Credentials, sign_headers
 
 __all__ = [
@@ -39,6 +38,7 @@ __all__ = [
     "STS_SERVICE",
     "AssumeRoleRequest",
     "RoleCredentials",
+    "RoleSpec",
     "StsClient",
     "TemporaryCredentials",
     "assume_role_request",
@@ -52,6 +52,15 @@ BEIJING = timezone(timedelta(hours=8))
 EXPIRATION_FORMAT = "%Y-%m-%d %H:%M:%S"
 RENEW_MARGIN = 5.0
 """Seconds of validity kept in reserve beyond a request's own timeout (clock skew)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSpec:
+    """A role assumed through STS with the base pair."""
+
+    role_jrn: str
+    session_name: str
+    duration_seconds: int
 
 
 @dataclass(frozen=True, slots=True)

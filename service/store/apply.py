@@ -53,9 +53,22 @@ _DOC_FIELDS = (
 )
 
 
-def partition_lock_key(region: str, source: str) -> int:
-    """Second advisory-lock key of a partition: a stable signed 32-bit hash."""
-    value = zlib.crc32(f"{region}/{source}".encode())
+ACCOUNT_MERGE_LOCK_SPACE = 0x1D5D
+"""First key of the advisory lock that orders the merges of one region's account
+partitions: partitions of two accounts can hold the same image (private to one, shared
+with the other), and two merges deciding at once whether it is new would both record
+it."""
+
+
+def partition_lock_key(region: str, source: str, account: str = "") -> int:
+    """Second advisory-lock key of a partition: a stable signed 32-bit hash (a
+    catalogue partition's is the one-account release's, so both exclude each other)."""
+    value = zlib.crc32((f"{account}:" if account else "").encode() + f"{region}/{source}".encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _signed32(text: str) -> int:
+    value = zlib.crc32(text.encode())
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
@@ -182,15 +195,19 @@ SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
        coalesce((c.old_doc -> 'offline') = 'true'::jsonb, false) AS was_offline,
        coalesce((c.new_doc -> 'offline') = 'true'::jsonb, false) AS is_offline,
        CASE WHEN c.kind = 'new' THEN '{}'::text[]  -- a created event lists no fields
+            -- Listings that differ only in imageSource (an image private to one account,
+            -- shared with another) are no change.
             ELSE ARRAY(SELECT k FROM jsonb_object_keys(c.new_doc) k
-                        WHERE c.old_doc -> k IS DISTINCT FROM c.new_doc -> k ORDER BY k)
+                        WHERE k <> 'image_source'
+                          AND c.old_doc -> k IS DISTINCT FROM c.new_doc -> k ORDER BY k)
        END AS changed
   FROM stage_changes c
 """
 
 _SUCCEEDED = """
 SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions
-                WHERE region_id = :region AND image_source = :source AND status = 'succeeded')
+                WHERE region_id = :region AND image_source = :source AND status = 'succeeded'
+                  AND coalesce(account, '') = coalesce(CAST(:account AS text), ''))
 """
 _COUNT_SEEN = """
 SELECT count(*) FROM (SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen) ids
@@ -199,8 +216,10 @@ SELECT count(*) FROM (SELECT image_id FROM stage_images UNION SELECT image_id FR
 _EVENT_INSERT = """
 INSERT INTO inventory.image_events
        (occurred_at, sync_run_id, region_id, image_id, image_source, event_type,
-        changed_fields, before, after, baseline)
+        changed_fields, before, after, baseline, account)
 """
+_BASELINE = ":baseline, CAST(:account AS text)"
+"""The last two values of every event row: its baseline flag and its account."""
 
 
 def _transition(event_type: str, condition: str) -> str:
@@ -208,7 +227,7 @@ def _transition(event_type: str, condition: str) -> str:
     return f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}}',
        jsonb_build_object('offline', d.old_doc -> 'offline'),
-       jsonb_build_object('offline', d.new_doc -> 'offline'), :baseline
+       jsonb_build_object('offline', d.new_doc -> 'offline'), {_BASELINE}
   FROM stage_diff d
  WHERE d.kind = 'changed' AND {condition} ORDER BY d.image_id"""
 
@@ -217,7 +236,7 @@ SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}
 _EVENTS = {
     "created": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_doc("s", "nd.disks")},
-       :baseline
+       {_BASELINE}
   FROM stage_diff c JOIN stage_images s USING (image_id)
   LEFT JOIN LATERAL (
         SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
@@ -226,14 +245,14 @@ SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_
     "reappeared": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
        (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc,
-       :baseline
+       {_BASELINE}
   FROM stage_diff d WHERE d.kind = 'back' ORDER BY d.image_id""",
     "went_offline": _transition("went_offline", "d.is_offline AND NOT d.was_offline"),
     "came_online": _transition("came_online", "d.was_offline AND NOT d.is_offline"),
     "updated": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
        (SELECT jsonb_object_agg(k, u.old_doc -> k) FROM unnest(u.fields) k),
-       (SELECT jsonb_object_agg(k, u.new_doc -> k) FROM unnest(u.fields) k), :baseline
+       (SELECT jsonb_object_agg(k, u.new_doc -> k) FROM unnest(u.fields) k), {_BASELINE}
   FROM (SELECT d.*,
                CASE WHEN d.was_offline <> d.is_offline
                     THEN array_remove(d.changed, 'offline') ELSE d.changed END AS fields
@@ -262,8 +281,7 @@ SELECT :region, s.image_id, {", ".join("s." + c for c in DISK_COLUMNS)}
 """
 
 # Only after a complete partition: listed before, in neither listing now.
-_REMOVE = f"""
-WITH gone_ids AS MATERIALIZED (
+_GONE_FROM_CATALOGUE = """
     -- First the (usually few) missing ids, then their documents: built the other way
     -- round, every listed image's document was built and thrown away.
     SELECT i.image_id
@@ -272,7 +290,13 @@ WITH gone_ids AS MATERIALIZED (
        AND NOT EXISTS (SELECT 1 FROM stage_images s WHERE s.image_id = i.image_id)
        AND NOT EXISTS (SELECT 1 FROM stage_seen u WHERE u.image_id = i.image_id)
        AND NOT i.image_id = ANY(CAST(:keep AS text[]))
-), gone AS (
+"""
+
+
+def _remove(gone_ids: str) -> str:
+    """The statement marking the images ``gone_ids`` selects removed, with their events."""
+    return f"""
+WITH gone_ids AS MATERIALIZED ({gone_ids}), gone AS (
     SELECT i.image_id, {_doc("i", "od.disks")} AS doc
       FROM gone_ids g
       JOIN inventory.images i ON i.region_id = :region AND i.image_id = g.image_id
@@ -280,6 +304,7 @@ WITH gone_ids AS MATERIALIZED (
             SELECT {_DISK_DOC} AS disks FROM inventory.image_disks d
              WHERE d.region_id = i.region_id AND d.image_id = i.image_id
       ) od ON true
+     WHERE i.removed_at IS NULL
 ), marked AS (
     UPDATE inventory.images i SET removed_at = now(), last_changed_at = now()
       FROM gone g
@@ -287,8 +312,109 @@ WITH gone_ids AS MATERIALIZED (
     RETURNING i.image_id
 )
 {_EVENT_INSERT}
-SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL, :baseline
+SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL, {_BASELINE}
   FROM gone g JOIN marked m USING (image_id) ORDER BY g.image_id
+"""
+
+
+_REMOVE = _remove(_GONE_FROM_CATALOGUE)
+
+# -- account partitions (DESIGN.md, Accounts) ---------------------------------------------
+# An image is one images row however many accounts see it; image_access says which
+# account lists it. "Another account" below is one still configured (an account removed
+# from the configuration keeps its rows, but no longer keeps an image listed).
+
+_OTHER_ACCESS = """
+SELECT 1 FROM inventory.image_access o
+ WHERE o.region_id = :region AND o.image_id = {image_id} AND o.account <> :account
+   AND o.removed_at IS NULL {extra}
+   AND NOT EXISTS (SELECT 1 FROM inventory.accounts a
+                    WHERE a.account = o.account AND NOT a.configured)
+"""
+
+# A shared listing of an image that another configured account owns (lists as private)
+# says nothing about its content: the owner's listing does. It only grants access.
+_ACCESS_ONLY = f"""
+CREATE TEMP TABLE stage_access_only ON COMMIT DROP AS
+SELECT s.image_id FROM (SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen) s
+ WHERE :source = 'shared'
+   AND EXISTS ({_OTHER_ACCESS.format(image_id="s.image_id", extra="AND o.image_source = 'private'")})
+"""
+_DROP_ACCESS_ONLY = (
+    "DELETE FROM stage_images s USING stage_access_only a WHERE s.image_id = a.image_id",
+    "DELETE FROM stage_disks s USING stage_access_only a WHERE s.image_id = a.image_id",
+    "DELETE FROM stage_seen s USING stage_access_only a WHERE s.image_id = a.image_id",
+)
+_LISTED = """
+CREATE TEMP TABLE stage_listed ON COMMIT DROP AS
+SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen
+ UNION SELECT image_id FROM stage_access_only
+"""
+_ACCESS_GRANTED = f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, l.image_id, :source, 'access_granted', '{{}}', NULL, NULL,
+       {_BASELINE}
+  FROM stage_listed l
+ WHERE NOT EXISTS (SELECT 1 FROM stage_diff d
+                    WHERE d.image_id = l.image_id AND d.kind IN ('new', 'back'))
+   AND NOT EXISTS (SELECT 1 FROM inventory.image_access x
+                    WHERE x.account = :account AND x.region_id = :region
+                      AND x.image_id = l.image_id AND x.removed_at IS NULL)
+   AND EXISTS ({_OTHER_ACCESS.format(image_id="l.image_id", extra="")})
+ ORDER BY l.image_id"""
+_UPSERT_ACCESS = """
+INSERT INTO inventory.image_access
+       (account, region_id, image_id, image_source, first_seen_at, removed_at)
+SELECT :account, :region, l.image_id, :source, now(), NULL FROM stage_listed l
+ON CONFLICT (account, region_id, image_id) DO UPDATE
+   SET image_source = EXCLUDED.image_source, removed_at = NULL
+ WHERE image_access.removed_at IS NOT NULL
+    OR image_access.image_source <> EXCLUDED.image_source
+"""
+# After a complete listing: the account's access to what it no longer lists ends; where
+# another account still lists the image that is access_revoked, else the image is gone.
+_GONE_FROM_ACCOUNT = f"""
+CREATE TEMP TABLE stage_gone ON COMMIT DROP AS
+SELECT x.image_id,
+       EXISTS ({_OTHER_ACCESS.format(image_id="x.image_id", extra="")}) AS elsewhere
+  FROM inventory.image_access x
+ WHERE x.account = :account AND x.region_id = :region AND x.image_source = :source
+   AND x.removed_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM stage_listed l WHERE l.image_id = x.image_id)
+   AND NOT x.image_id = ANY(CAST(:keep AS text[]))
+"""
+_END_ACCESS = """
+UPDATE inventory.image_access x SET removed_at = now()
+  FROM stage_gone g
+ WHERE x.account = :account AND x.region_id = :region AND x.image_id = g.image_id
+"""
+_ACCESS_REVOKED = f"""{_EVENT_INSERT}
+SELECT now(), :run_id, :region, g.image_id, :source, 'access_revoked', '{{}}', NULL, NULL,
+       {_BASELINE}
+  FROM stage_gone g WHERE g.elsewhere ORDER BY g.image_id"""
+_REMOVE_LAST_ACCESS = _remove("SELECT image_id FROM stage_gone WHERE NOT elsewhere")
+# images.image_source of an image seen through accounts: private while a configured
+# account lists it as private, else shared. Rewritten only where it differs.
+_SOURCE_BY_ACCESS = """
+UPDATE inventory.images i SET image_source = t.source
+  FROM (SELECT l.image_id,
+               CASE WHEN EXISTS (SELECT 1 FROM inventory.image_access p
+                                  WHERE p.region_id = :region AND p.image_id = l.image_id
+                                    AND p.image_source = 'private' AND p.removed_at IS NULL
+                                    AND NOT EXISTS (SELECT 1 FROM inventory.accounts a
+                                                     WHERE a.account = p.account
+                                                       AND NOT a.configured))
+                    THEN 'private' ELSE 'shared' END AS source
+          FROM (SELECT image_id FROM stage_listed UNION SELECT image_id FROM stage_gone) l) t
+ WHERE i.region_id = :region AND i.image_id = t.image_id AND i.removed_at IS NULL
+   AND i.image_source IN ('private', 'shared') AND i.image_source <> t.source
+"""
+_NOTHING_GONE = "CREATE TEMP TABLE stage_gone (image_id text, elsewhere boolean) ON COMMIT DROP"
+_ACCOUNT_HASHES = """
+SELECT i.image_id, i.content_hash
+  FROM inventory.image_access x
+  JOIN inventory.images i ON i.region_id = x.region_id AND i.image_id = x.image_id
+ WHERE x.account = :account AND x.region_id = :region AND x.image_source = :source
+   AND x.removed_at IS NULL AND i.removed_at IS NULL
 """
 
 
@@ -315,10 +441,15 @@ class MergeCounts:
 class PartitionWriter:
     """Staging and merge of one partition, inside its caller's open transaction."""
 
-    def __init__(self, conn: AsyncConnection, *, region: str, source: str) -> None:
+    def __init__(
+        self, conn: AsyncConnection, *, region: str, source: str, account: str = ""
+    ) -> None:
         self._conn = conn
         self.region = region
         self.source = source
+        self.account = account
+        """The account of an account partition; ``""``: a catalogue partition (or a
+        caller that names no account), merged by the image's source alone."""
         self._driver: Any = None
         self._listings: set[int] = set()  # listings that staged anything
         self._extras = False  # stage_extras called: the partition's extras were fetched
@@ -327,7 +458,10 @@ class PartitionWriter:
         """Take the partition's transaction-scoped advisory lock; False if another holds it."""
         locked = await self._conn.scalar(
             sa.text("SELECT pg_try_advisory_xact_lock(:space, :key)"),
-            {"space": PARTITION_LOCK_SPACE, "key": partition_lock_key(self.region, self.source)},
+            {
+                "space": PARTITION_LOCK_SPACE,
+                "key": partition_lock_key(self.region, self.source, self.account),
+            },
         )
         return bool(locked)
 
@@ -338,10 +472,15 @@ class PartitionWriter:
                 sa.text(
                     "SELECT EXISTS (SELECT 1 FROM inventory.sync_partitions"
                     " WHERE region_id = :region AND image_source = :source"
-                    " AND status = 'succeeded'"
+                    " AND coalesce(account, '') = :account AND status = 'succeeded'"
                     " AND finished_at > clock_timestamp() - make_interval(secs => :seconds))"
                 ),
-                {"region": self.region, "source": self.source, "seconds": seconds},
+                {
+                    "region": self.region,
+                    "source": self.source,
+                    "account": self.account,
+                    "seconds": seconds,
+                },
             )
         )
 
@@ -370,12 +509,15 @@ class PartitionWriter:
     async def listed_hashes(self) -> dict[str, bytes]:
         """``image_id -> content_hash`` of the partition's listed images (for a resync to
         recognise unchanged images before normalising them)."""
+        statement = (
+            _ACCOUNT_HASHES
+            if self.account
+            else "SELECT image_id, content_hash FROM inventory.images"
+            " WHERE region_id = :region AND image_source = :source AND removed_at IS NULL"
+        )
         result = await self._conn.execute(
-            sa.text(
-                "SELECT image_id, content_hash FROM inventory.images"
-                " WHERE region_id = :region AND image_source = :source AND removed_at IS NULL"
-            ),
-            {"region": self.region, "source": self.source},
+            sa.text(statement),
+            {"region": self.region, "source": self.source, "account": self.account},
         )
         return {image_id: bytes(digest) for image_id, digest in result.all()}
 
@@ -444,7 +586,12 @@ class PartitionWriter:
         ``keep_ids`` are images the API listed but that failed validation: they are
         neither updated nor removed.
         """
-        params: dict[str, Any] = {"region": self.region, "source": self.source, "run_id": run_id}
+        params: dict[str, Any] = {
+            "region": self.region,
+            "source": self.source,
+            "run_id": run_id,
+            "account": self.account or None,
+        }
         conn = self._conn
         # The first successful sync of a partition records the initial load: its events
         # are `baseline` (the images existed before the service watched them). Only a
@@ -455,19 +602,15 @@ class PartitionWriter:
         if self._extras:
             await self._apply_extras(params)
         seen = await conn.scalar(sa.text(_COUNT_SEEN)) or 0
-        await conn.execute(sa.text(_CLASSIFY), params)
-        await conn.execute(sa.text(_DIFF))
-        counts: dict[str, int] = {}
-        for event_type, statement in _EVENTS.items():
-            result = await conn.execute(sa.text(statement), params)
-            counts[event_type] = result.rowcount
-        changed = await conn.scalar(sa.text("SELECT count(*) FROM stage_diff")) or 0
-        if changed:
-            await conn.execute(sa.text(_UPSERT_IMAGES), params)
-            await conn.execute(sa.text(_DELETE_DISKS), params)
-            await conn.execute(sa.text(_INSERT_DISKS), params)
-        removed = 0
-        if remove_missing:
+        if self.account:
+            await self._take_account_turn(params)
+        counts, changed = await self._write_changes(params)
+        removed = granted = revoked = 0
+        if self.account:
+            granted, revoked, removed = await self._merge_access(
+                {**params, "keep": list(keep_ids)}, remove_missing
+            )
+        elif remove_missing:
             removed = (
                 await conn.execute(sa.text(_REMOVE), {**params, "keep": list(keep_ids)})
             ).rowcount
@@ -480,6 +623,8 @@ class PartitionWriter:
             came_online=counts["came_online"],
             removed=removed,
             reappeared=counts["reappeared"],
+            access_granted=granted,
+            access_revoked=revoked,
         )
         # Last: the feed clock's row lock is held to the commit (service.store.feed).
         await record_batch(
@@ -489,8 +634,58 @@ class PartitionWriter:
             source=self.source,
             counts=merged.events(),
             floor=floor,
+            account=self.account or None,
         )
         return merged
+
+    async def _write_changes(self, params: dict[str, Any]) -> tuple[dict[str, int], int]:
+        """Classify staging against the table; write the events and the changed images
+        and disks. Returns the events written by type and the images changed."""
+        conn = self._conn
+        await conn.execute(sa.text(_CLASSIFY), params)
+        await conn.execute(sa.text(_DIFF))
+        counts: dict[str, int] = {}
+        for event_type, statement in _EVENTS.items():
+            result = await conn.execute(sa.text(statement), params)
+            counts[event_type] = result.rowcount
+        changed = await conn.scalar(sa.text("SELECT count(*) FROM stage_diff")) or 0
+        if changed:
+            await conn.execute(sa.text(_UPSERT_IMAGES), params)
+            await conn.execute(sa.text(_DELETE_DISKS), params)
+            await conn.execute(sa.text(_INSERT_DISKS), params)
+        return counts, changed
+
+    async def _take_account_turn(self, params: dict[str, Any]) -> None:
+        """Wait for the region's other account merges (they may hold the same images),
+        then set aside the shared images another configured account owns."""
+        conn = self._conn
+        await conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": ACCOUNT_MERGE_LOCK_SPACE, "key": _signed32(self.region)},
+        )
+        await conn.execute(sa.text(_ACCESS_ONLY), params)
+        for statement in _DROP_ACCESS_ONLY:
+            await conn.execute(sa.text(statement))
+
+    async def _merge_access(
+        self, params: dict[str, Any], remove_missing: bool
+    ) -> tuple[int, int, int]:
+        """The account's access rows after its listing: (access_granted, access_revoked,
+        removed) events written."""
+        conn = self._conn
+        await conn.execute(sa.text(_LISTED))
+        granted = (await conn.execute(sa.text(_ACCESS_GRANTED), params)).rowcount
+        await conn.execute(sa.text(_UPSERT_ACCESS), params)
+        revoked = removed = 0
+        if remove_missing:
+            await conn.execute(sa.text(_GONE_FROM_ACCOUNT), params)
+            await conn.execute(sa.text(_END_ACCESS), params)
+            revoked = (await conn.execute(sa.text(_ACCESS_REVOKED), params)).rowcount
+            removed = (await conn.execute(sa.text(_REMOVE_LAST_ACCESS), params)).rowcount
+        else:
+            await conn.execute(sa.text(_NOTHING_GONE))
+        await conn.execute(sa.text(_SOURCE_BY_ACCESS), params)
+        return granted, revoked, removed
 
     async def _prepare_staging(self) -> None:
         """Index staging, keep one copy of an image staged by both listings, and gather

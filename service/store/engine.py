@@ -67,6 +67,10 @@ def error_kind(exc: BaseException) -> str:
     return type(getattr(exc, "orig", None) or exc).__name__
 
 
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+"""deadlock_detected, serialization_failure: the transaction can run again as it was."""
+
+
 class database_errors:
     """Translate driver errors into :class:`DatabaseError` (``what: <the driver's line>``,
     the line alone when ``what`` is empty,
@@ -93,8 +97,14 @@ class database_errors:
             exc, sa.exc.ProgrammingError | sa.exc.IntegrityError | asyncpg.PostgresError
         )
         line = describe_error(exc)
+        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+            exc, "sqlstate", None
+        )
         raise DatabaseError(
-            f"{self.what}: {line}" if self.what else line, kind=error_kind(exc), refused=refused
+            f"{self.what}: {line}" if self.what else line,
+            kind=error_kind(exc),
+            refused=refused,
+            retryable=sqlstate in RETRYABLE_SQLSTATES,
         ) from exc
 
     def __call__(self, fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:

@@ -133,6 +133,7 @@ async def record_batch(
     source: str,
     counts: Mapping[str, int],
     floor: int,
+    account: str | None = None,
 ) -> int | None:
     """File the events this transaction recorded for the partition as the feed's next
     batch and queue the NOTIFY; returns the batch's last cursor, or None (and writes
@@ -156,7 +157,7 @@ async def record_batch(
     cursor = cursor_of(row.batch, row.event_count)
     payload = {
         "run_id": run_id,
-        "account": None,
+        "account": account,
         "region_id": region,
         "image_source": source,
         "counts": {name: n for name, n in counts.items() if n},

@@ -56,13 +56,6 @@ PartitionIdentity = tuple[str | None, str, str]
 """(account, region, source): the account is None for a catalogue partition."""
 
 
-async def register_configuration(
-    engine: AsyncEngine, partitions: Sequence[tuple[str, str]]
-) -> None:
-    """Make ``partitions`` ((region, source) pairs, no account) the configured ones."""
-    await register_partitions(engine, [(None, region, source) for region, source in partitions])
-
-
 async def register_partitions(
     engine: AsyncEngine,
     partitions: Sequence[PartitionIdentity],

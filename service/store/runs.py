@@ -53,8 +53,6 @@ class PartitionReport:
     seconds: float = 0.0
     """How long the partition took (the process's monotonic clock; the database's clock
     places it: it finished when recorded, and started ``seconds`` before)."""
-    account: str | None = None
-    """The account of an account partition; None for a catalogue partition."""
 
 
 async def start_run(lock_conn: AsyncConnection, *, trigger: str) -> int:
@@ -129,6 +127,7 @@ async def record_partitions(
             run_id=run_id,
             region_id=partition.region,
             image_source=partition.source,
+            account=partition.account_or_none,
         )
         seconds = sa.literal(max(0.0, values.pop("seconds")), sa.Float)
         values["finished_at"] = sa.func.clock_timestamp()
@@ -185,11 +184,11 @@ async def prune_runs(engine: AsyncEngine, keep_days: int) -> int:
 
 
 _LAST_SUCCESS = """
-SELECT region_id, image_source,
+SELECT region_id, image_source, coalesce(account, '') AS account,
        extract(epoch FROM max(finished_at))::double precision AS last_success
   FROM inventory.sync_partitions
  WHERE status = 'succeeded'
- GROUP BY region_id, image_source
+ GROUP BY region_id, image_source, coalesce(account, '')
 """
 
 
@@ -198,4 +197,4 @@ async def last_successes(engine: AsyncEngine) -> dict[Partition, float]:
     """Unix time of each partition's newest success (partitions never synced absent)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(sa.text(_LAST_SUCCESS))).all()
-    return {Partition(r.region_id, r.image_source): r.last_success for r in rows}
+    return {Partition(r.region_id, r.image_source, r.account): r.last_success for r in rows}

@@ -1,0 +1,294 @@
+"""Several accounts in one inventory (DESIGN.md, Accounts), synced against the simulator:
+three accounts (two key pairs, one role) with an image shared from one to another;
+after each change (unshare, delete, a new share, a deletion seen by two accounts, a
+refused key) the images, image_access, image_events and sync_partitions rows are what
+the simulator's state implies, image by image, and catalogue images are stored once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.app import open_runtime
+from service.config import Settings, load_settings
+from service.errors import AuthError
+from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
+from service.simulator import Catalogue, Simulator, running_simulator
+from service.simulator.catalogue import ListingQuery
+from service.sync import SyncReport, sync_once
+
+REGIONS = ("cn-north-1", "cn-east-2")
+NORTH = "cn-north-1"
+B_KEYS = ("AKBETA00000000", "SK-beta-secret-0")
+C_KEYS = ("AKGAMMA0000000", "SK-gamma-secret-0")
+PINS = {"alpha": "demo-user", "beta": "pin-beta", "gamma": "pin-gamma"}
+SIM_ACCOUNT = {"alpha": "demo", "beta": "b", "gamma": "c"}
+ACCOUNT_REGIONS = {"alpha": REGIONS, "beta": (NORTH,), "gamma": REGIONS}
+
+
+def _settings(tmp_path: Path, sim: Simulator, database_url: str) -> Settings:
+    role = next(r.jrn for r in sim.state.accounts.roles())
+    config = tmp_path / "accounts.toml"
+    config.write_text(
+        f"""
+IMAGE_SYNC_REGIONS = "{",".join(REGIONS)}"
+
+[[accounts]]
+name = "alpha"
+
+[[accounts]]
+name = "beta"
+access_key_env = "BETA_AK"
+secret_key_env = "BETA_SK"
+regions = ["{NORTH}"]
+
+[[accounts]]
+name = "gamma"
+role_jrn = "{role}"
+""",
+        encoding="utf-8",
+    )
+    env = {
+        "DATABASE_URL": database_url,
+        "JDCLOUD_ENDPOINT": sim.url,
+        "JDCLOUD_STS_ENDPOINT": sim.url,
+        "JDCLOUD_ACCESS_KEY": DEMO_ACCESS_KEY,
+        "JDCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
+        "BETA_AK": B_KEYS[0],
+        "BETA_SK": B_KEYS[1],
+        "IMAGE_SYNC_RATE_LIMIT": "0",
+        "IMAGE_SYNC_HTTP": "off",
+    }
+    return load_settings(env, config)
+
+
+def _simulated_accounts(sim: Simulator) -> None:
+    accounts = sim.state.accounts
+    accounts.add("b", pin=PINS["beta"], access_key=B_KEYS[0], secret_key=B_KEYS[1])
+    accounts.add("c", pin=PINS["gamma"], access_key=C_KEYS[0], secret_key=C_KEYS[1])
+    accounts.add_role("c", "image-reader", trusts=["demo"])
+
+
+def _private(sim: Simulator, account: str, **fields: Any) -> str:
+    fields = {"ownerPin": PINS[account], "launchPermission": "ownerOnly", **fields}
+    return str(sim.catalogue.add(NORTH, "private", **fields)["imageId"])
+
+
+async def _sync(
+    settings: Settings, engine: AsyncEngine
+) -> tuple[SyncReport | None, AuthError | None]:
+    async with open_runtime(settings) as rt:
+        partitions = rt.partitions()
+        await rt.register(partitions)
+        try:
+            report = await sync_once(engine, rt.client, partitions, accounts=rt.accounts)
+        except AuthError as exc:
+            return None, exc
+    return report, None
+
+
+def _visible(catalogue: Catalogue, account: str, region: str, source: str) -> set[str]:
+    """What the simulator lists for the account: the truth the database must match."""
+    ids: set[str] = set()
+    page = 1
+    while True:
+        body, total = catalogue.list_page(
+            region, ListingQuery(source), page_number=page, page_size=100, viewer=PINS[account]
+        )
+        ids |= {image["imageId"] for image in orjson.loads(body)}
+        if page * 100 >= total:
+            return ids
+        page += 1
+
+
+def _expected_access(catalogue: Catalogue, refused: set[str] = frozenset()) -> set[tuple[str, ...]]:
+    return {
+        (account, region, image_id, source)
+        for account, regions in ACCOUNT_REGIONS.items()
+        if account not in refused
+        for region in regions
+        for source in ("private", "shared")
+        for image_id in _visible(catalogue, account, region, source)
+    }
+
+
+async def _rows(engine: AsyncEngine, sql: str) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(sa.text(sql))).all())
+
+
+async def _assert_state(
+    engine: AsyncEngine, sim: Simulator, refused: set[str] = frozenset()
+) -> None:
+    """images, image_access and the catalogue partitions as the simulator implies."""
+    catalogue = sim.catalogue
+    access = {
+        tuple(row)
+        for row in await _rows(
+            engine,
+            "SELECT account, region_id, image_id, image_source FROM inventory.image_access"
+            " WHERE removed_at IS NULL",
+        )
+    }
+    expected = _expected_access(catalogue)
+    if refused:  # a refused account's rows are kept as they were, not revoked
+        expected = {a for a in expected if a[0] not in refused} | {
+            a for a in access if a[0] in refused
+        }
+    assert access == expected
+    listed = {
+        (region, image_id): source
+        for region, image_id, source in await _rows(
+            engine,
+            "SELECT region_id, image_id, image_source FROM inventory.images"
+            " WHERE removed_at IS NULL",
+        )
+    }
+    # Catalogue images once each, with their source.
+    for region in REGIONS:
+        for source in ("public", "thirdparty", "community"):
+            truth = {i["imageId"] for i in catalogue.images(region, source)}
+            mine = {i for (r, i), s in listed.items() if r == region and s == source}
+            assert mine == truth, (region, source)
+    # An account-sourced image is listed while some account lists it; private while a
+    # configured account owns it.
+    by_image: dict[tuple[str, str], set[str]] = {}
+    for _, region, image_id, source in expected:
+        by_image.setdefault((region, image_id), set()).add(source)
+    account_rows = {k: s for k, s in listed.items() if s in ("private", "shared")}
+    assert set(account_rows) == set(by_image)
+    for key, sources in by_image.items():
+        assert account_rows[key] == ("private" if "private" in sources else "shared"), key
+    # Stored once: no image is in images twice, whatever number of accounts see it.
+    counts = await _rows(
+        engine,
+        "SELECT count(*), count(DISTINCT (region_id, image_id)) FROM inventory.images",
+    )
+    assert counts[0][0] == counts[0][1]
+
+
+async def _events(engine: AsyncEngine, run_id: int) -> list[tuple[str, str, str | None]]:
+    return [
+        tuple(row)
+        for row in await _rows(
+            engine,
+            "SELECT image_id, event_type, account FROM inventory.image_events"
+            f" WHERE sync_run_id = {run_id} ORDER BY event_id",
+        )
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_three_accounts_share_unshare_delete_and_a_refused_key(
+    engine: AsyncEngine, database_url: str, tmp_path: Path
+) -> None:
+    catalogue = Catalogue(seed=61, images=150, regions=REGIONS)
+    async with running_simulator(catalogue) as sim:
+        _simulated_accounts(sim)
+        b1 = _private(sim, "beta")
+        b2 = _private(sim, "beta")
+        c1 = _private(sim, "gamma")
+        catalogue.share(NORTH, b1, [PINS["gamma"]])
+        settings = _settings(tmp_path, sim, database_url)
+
+        # 1. First sync: everything created once; b1 seen by beta (private) and gamma
+        # (shared) is one images row, two access rows, one created + one access_granted.
+        report, refused = await _sync(settings, engine)
+        assert refused is None and report is not None and report.ok, report
+        await _assert_state(engine, sim)
+        parts = await _rows(
+            engine,
+            "SELECT coalesce(account, '-'), region_id, image_source, status"
+            " FROM inventory.sync_partitions",
+        )
+        assert Counter(p[0] for p in parts) == {"-": 6, "alpha": 4, "beta": 2, "gamma": 4}
+        assert {p[3] for p in parts} == {"succeeded"}
+        first = await _events(engine, report.run_id)
+        b1_events = sorted((t, a) for i, t, a in first if i == b1)
+        assert [t for t, _ in b1_events] == ["access_granted", "created"]
+        assert {a for _, a in b1_events} == {"beta", "gamma"}
+        assert [(t, a) for i, t, a in first if i == b2] == [("created", "beta")]
+        assert [(t, a) for i, t, a in first if i == c1] == [("created", "gamma")]
+        assert {a for i, t, a in first if t == "created"} >= {None, "alpha"}
+
+        # 2. A resync of nothing new writes nothing.
+        report, _ = await _sync(settings, engine)
+        assert report is not None and report.ok
+        assert await _events(engine, report.run_id) == []
+
+        # 3. Unshare b1 from gamma: access_revoked (gamma), not a removal; for beta, its
+        # owner, the image changed (launchPermission ownerOnly, shared with no one).
+        catalogue.unshare(NORTH, b1, [PINS["gamma"]])
+        report, _ = await _sync(settings, engine)
+        assert report is not None and report.ok
+        assert sorted((t, a) for i, t, a in await _events(engine, report.run_id) if i == b1) == [
+            ("access_revoked", "gamma"),
+            ("updated", "beta"),
+        ]
+        await _assert_state(engine, sim)
+
+        # 4. Delete b2 at beta (no one else sees it): removed (beta).
+        catalogue.delete(NORTH, b2)
+        report, _ = await _sync(settings, engine)
+        assert report is not None and report.ok
+        assert await _events(engine, report.run_id) == [(b2, "removed", "beta")]
+        await _assert_state(engine, sim)
+
+        # 5. A new image shared from beta to gamma: created once, access_granted once.
+        b3 = _private(sim, "beta")
+        catalogue.share(NORTH, b3, [PINS["gamma"]])
+        report, _ = await _sync(settings, engine)
+        assert report is not None and report.ok
+        new = sorted(t for i, t, _ in await _events(engine, report.run_id) if i == b3)
+        assert new == ["access_granted", "created"]
+        await _assert_state(engine, sim)
+
+        # 6. b3 deleted at beta, so both listings lose it in one sync: one account's loss
+        # is access_revoked, the last one's the removal.
+        catalogue.delete(NORTH, b3)
+        report, _ = await _sync(settings, engine)
+        assert report is not None and report.ok
+        gone = sorted(t for i, t, _ in await _events(engine, report.run_id) if i == b3)
+        assert gone == ["access_revoked", "removed"]
+        await _assert_state(engine, sim)
+
+        # 7. Beta's key refused: its partitions fail with the API's status, the others
+        # succeed, and nothing of beta is revoked (b1 is deleted meanwhile).
+        catalogue.delete(NORTH, b1)
+        before = await _rows(engine, "SELECT * FROM inventory.image_access WHERE account = 'beta'")
+        sim.state.accounts.refuse("b")
+        report, refused = await _sync(settings, engine)
+        assert refused is not None and set(refused.by_account or {}) == {"beta"}
+        assert refused.status == "UNAUTHENTICATED"
+        latest = await _rows(
+            engine,
+            "SELECT coalesce(account, '-'), status, error_status FROM inventory.sync_partitions"
+            " WHERE run_id = (SELECT max(run_id) FROM inventory.sync_runs)",
+        )
+        assert {(a, s, e) for a, s, e in latest if a == "beta"} == {
+            ("beta", "failed", "UNAUTHENTICATED")
+        }
+        assert {s for a, s, _ in latest if a != "beta"} == {"succeeded"}
+        assert len([row for row in latest if row[0] == "beta"]) == 2
+        assert (
+            await _rows(engine, "SELECT * FROM inventory.image_access WHERE account = 'beta'")
+            == before
+        )
+        assert await _rows(
+            engine,
+            "SELECT status FROM inventory.sync_runs ORDER BY run_id DESC LIMIT 1",
+        ) == [("partial",)]
+        await _assert_state(engine, sim, refused={"beta"})
+
+    # The reader's view: each account's usable images.
+    usable = await _rows(
+        engine,
+        "SELECT account, count(*) FROM inventory.account_images GROUP BY 1 ORDER BY 1",
+    )
+    assert [a for a, _ in usable] == ["alpha", "beta", "gamma"]
