@@ -6,6 +6,7 @@ the simulator's state implies, image by image, and catalogue images are stored o
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -292,3 +293,70 @@ async def test_three_accounts_share_unshare_delete_and_a_refused_key(
         "SELECT account, count(*) FROM inventory.account_images GROUP BY 1 ORDER BY 1",
     )
     assert [a for a, _ in usable] == ["alpha", "beta", "gamma"]
+
+
+async def test_overlapping_merges_of_shared_images_record_each_event_once(
+    engine: AsyncEngine, database_url: str, tmp_path: Path
+) -> None:
+    """Beta's private and gamma's shared listing hold the same 40 new images and are
+    fetched at the same pace, so their merges meet: each image is created once and
+    granted once, and neither partition fails (they take turns, or rerun on a deadlock)."""
+    catalogue = Catalogue(seed=62, images=40, regions=REGIONS)
+    async with running_simulator(catalogue, faults={"latency_ms": 60}) as sim:
+        _simulated_accounts(sim)
+        shared = [_private(sim, "beta") for _ in range(40)]
+        for image_id in shared:
+            catalogue.share(NORTH, image_id, [PINS["gamma"]])
+        settings = _settings(tmp_path, sim, database_url)
+        settings = settings.model_copy(update={"page_size": 10})
+        async with open_runtime(settings) as rt:
+            partitions = [p for p in rt.partitions() if p.region == NORTH and p.account]
+            report = await sync_once(
+                engine, rt.client, partitions, accounts=rt.accounts, page_size=10
+            )
+    assert report.ok, report
+    spans = {
+        (account, source): (start, end)
+        for account, source, start, end in await _rows(
+            engine,
+            "SELECT account, image_source, started_at, finished_at FROM inventory.sync_partitions"
+            " WHERE account IN ('beta', 'gamma') AND region_id = 'cn-north-1'",
+        )
+    }
+    beta, gamma = spans["beta", "private"], spans["gamma", "shared"]
+    assert beta[0] < gamma[1] and gamma[0] < beta[1], "the two partitions did not overlap"
+    events = Counter((i, t) for i, t, _ in await _events(engine, report.run_id) if i in set(shared))
+    assert events == Counter(
+        {**{(i, "created"): 1 for i in shared}, **{(i, "access_granted"): 1 for i in shared}}
+    )
+
+
+async def test_a_role_account_keeps_syncing_across_credential_renewals(
+    engine: AsyncEngine, database_url: str, tmp_path: Path
+) -> None:
+    """Temporary credentials live 3 s; four syncs over about 8 s renew them and no
+    request is signed with expired ones (the simulator counts them)."""
+    catalogue = Catalogue(seed=63, images=60, regions=REGIONS)
+    async with running_simulator(catalogue, sts_lifetime=3.0) as sim:
+        _simulated_accounts(sim)
+        c1 = _private(sim, "gamma")
+        settings = _settings(tmp_path, sim, database_url).model_copy(
+            update={"request_timeout": 1.0}
+        )
+        gamma_requests = 0
+        async with open_runtime(settings) as rt:
+            partitions = [p for p in rt.partitions() if p.account == "gamma"]
+            for _ in range(4):
+                report = await sync_once(engine, rt.client, partitions, accounts=rt.accounts)
+                assert report.ok, report
+                gamma_requests += sum(p.api_requests for p in report.partitions)
+                await asyncio.sleep(2.0)
+        counters = sim.state.counters
+        assert counters["sts:signed_expired"] == 0
+        assert counters["refused:c"] == 0
+        calls = sim.state.accounts.assume_role_calls
+    assert 2 <= calls < gamma_requests, (calls, gamma_requests)
+    access = await _rows(
+        engine, "SELECT image_id FROM inventory.image_access WHERE account = 'gamma'"
+    )
+    assert (c1,) in access

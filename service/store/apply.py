@@ -109,6 +109,9 @@ _CREATE_STAGING = [
     _staging_table("stage_extras", _STAGE_EXTRA_COLUMNS, images, key="image_id"),
     _staging_table("stage_seen", ("image_id", "listing"), images),
     _staging_table("stage_disks", _STAGE_DISK_COLUMNS, image_disks),
+    # Images an account's private listing takes over from shared access (account
+    # partitions fill it; see _ADOPTED).
+    "CREATE TEMP TABLE stage_adopted (image_id text PRIMARY KEY) ON COMMIT DROP",
 ]
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
@@ -197,8 +200,13 @@ SELECT c.image_id, c.kind, c.old_doc, c.new_doc,
        CASE WHEN c.kind = 'new' THEN '{}'::text[]  -- a created event lists no fields
             -- Listings that differ only in imageSource (an image private to one account,
             -- shared with another) are no change.
+            -- Nor is the owner's first listing of an image known until then only as
+            -- shared with another account, which cannot know its members.
             ELSE ARRAY(SELECT k FROM jsonb_object_keys(c.new_doc) k
                         WHERE k <> 'image_source'
+                          AND NOT (k = 'shared_with' AND c.old_doc -> k = 'null'::jsonb
+                                   AND EXISTS (SELECT 1 FROM stage_adopted a
+                                                WHERE a.image_id = c.image_id))
                           AND c.old_doc -> k IS DISTINCT FROM c.new_doc -> k ORDER BY k)
        END AS changed
   FROM stage_changes c
@@ -339,6 +347,17 @@ CREATE TEMP TABLE stage_access_only ON COMMIT DROP AS
 SELECT s.image_id FROM (SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen) s
  WHERE :source = 'shared'
    AND EXISTS ({_OTHER_ACCESS.format(image_id="s.image_id", extra="AND o.image_source = 'private'")})
+"""
+_ADOPTED = """
+INSERT INTO stage_adopted (image_id)
+SELECT s.image_id FROM stage_images s
+ WHERE :source = 'private'
+   AND EXISTS (SELECT 1 FROM inventory.images i
+                WHERE i.region_id = :region AND i.image_id = s.image_id
+                  AND i.removed_at IS NULL)
+   AND NOT EXISTS (SELECT 1 FROM inventory.image_access x
+                    WHERE x.region_id = :region AND x.image_id = s.image_id
+                      AND x.image_source = 'private' AND x.removed_at IS NULL)
 """
 _DROP_ACCESS_ONLY = (
     "DELETE FROM stage_images s USING stage_access_only a WHERE s.image_id = a.image_id",
@@ -666,6 +685,7 @@ class PartitionWriter:
         await conn.execute(sa.text(_ACCESS_ONLY), params)
         for statement in _DROP_ACCESS_ONLY:
             await conn.execute(sa.text(statement))
+        await conn.execute(sa.text(_ADOPTED), params)
 
     async def _merge_access(
         self, params: dict[str, Any], remove_missing: bool
