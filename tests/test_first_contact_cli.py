@@ -162,10 +162,15 @@ async def test_status_fits_80_columns_and_counts_skipped_locked_apart(
         env = {**cli_env, "JDCLOUD_ENDPOINT": sim.url}
         # Another process holds two partitions while this one syncs.
         async with engine.connect() as holder, holder.begin():
-            for region, source in (("cn-north-1", "public"), ("cn-east-1", "private")):
+            # (a catalogue partition, and the one account's private partition)
+            for region, source, account in (
+                ("cn-north-1", "public", ""),
+                ("cn-east-1", "private", "default"),
+            ):
+                key = partition_lock_key(region, source, account)
                 await holder.execute(
                     sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
-                    {"space": PARTITION_LOCK_SPACE, "key": partition_lock_key(region, source)},
+                    {"space": PARTITION_LOCK_SPACE, "key": key},
                 )
             code, out, err = await run_cli(env, "sync", "--once")
     assert code == 0, err

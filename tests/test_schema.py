@@ -161,7 +161,8 @@ async def test_every_documented_query_runs_on_a_synced_database(
     async with running_simulator(images=400, seed=21) as sim:
         settings = make_settings(sim.url)
         async with open_runtime(settings) as rt:
-            await sync_once(engine, rt.client, rt.partitions())
+            await rt.register(rt.partitions())  # what a start writes: accounts, partitions
+            await sync_once(engine, rt.client, rt.partitions(), accounts=rt.accounts)
             catalogue = sim.catalogue
             region = "cn-north-1"
             online = next(
@@ -170,7 +171,7 @@ async def test_every_documented_query_runs_on_a_synced_database(
             catalogue.take_offline(region, online)
             catalogue.delete(region, catalogue.images(region, "shared")[0]["imageId"])
             catalogue.add(region, "private", imageId="img-newafter01")  # news, not baseline
-            await sync_once(engine, rt.client, rt.partitions())
+            await sync_once(engine, rt.client, rt.partitions(), accounts=rt.accounts)
     async with engine.connect() as conn:
         await conn.execute(sa.text("SET ROLE inventory_reader"))
         for title, sql in doc_queries():
