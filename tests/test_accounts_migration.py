@@ -242,6 +242,24 @@ async def test_migrating_while_the_previous_release_syncs(
         " WHERE image_source IN ('private', 'shared') AND account IS NULL",
     )
     assert set(missing) <= set(after_migration), (missing, after_migration)
+    # The new release's next sync adopts them (no event: nothing changed upstream).
+    with simulator_in_thread(seed=32, images=1500, regions=["cn-north-1", "cn-east-2"]) as sim:
+        resync = await asyncio.to_thread(_cli, ROOT, _env(scratch_url, sim.url), "sync", "--once")
+    assert resync.returncode == 0, resync.stderr
+    orphans = _query(
+        scratch_url,
+        "SELECT count(*) FROM inventory.images i"
+        " WHERE i.image_source IN ('private', 'shared') AND i.removed_at IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM inventory.image_access x WHERE x.account = 'default'"
+        " AND x.region_id = i.region_id AND x.image_id = i.image_id AND x.removed_at IS NULL)",
+    )
+    assert orphans == [(0,)]
+    news = _query(
+        scratch_url,
+        "SELECT count(*) FROM inventory.image_events"
+        " WHERE sync_run_id = (SELECT max(run_id) FROM inventory.sync_runs)",
+    )
+    assert news == [(0,)]
     # What the old sync committed is there (it may have stopped at the schema check of a
     # later step, never half-way through a partition).
     partitions = _query(

@@ -23,6 +23,7 @@ from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.simulator import Catalogue, Simulator, running_simulator
 from service.simulator.catalogue import ListingQuery
 from service.sync import SyncReport, sync_once
+from tests.cli_helpers import run_cli
 
 REGIONS = ("cn-north-1", "cn-east-2")
 NORTH = "cn-north-1"
@@ -360,3 +361,36 @@ async def test_a_role_account_keeps_syncing_across_credential_renewals(
         engine, "SELECT image_id FROM inventory.image_access WHERE account = 'gamma'"
     )
     assert (c1,) in access
+
+
+async def test_the_cli_names_each_refused_account_and_exits_1(
+    engine: AsyncEngine, cli_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    catalogue = Catalogue(seed=64, images=60, regions=REGIONS)
+    async with running_simulator(catalogue) as sim:
+        _simulated_accounts(sim)
+        settings = _settings(tmp_path, sim, database_url)
+        assert settings.config is not None
+        sim.state.accounts.refuse("b")
+        env = {
+            **cli_env,
+            "JDCLOUD_ENDPOINT": sim.url,
+            "JDCLOUD_STS_ENDPOINT": sim.url,
+            "JDCLOUD_ACCESS_KEY": DEMO_ACCESS_KEY,
+            "JDCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
+            "BETA_AK": B_KEYS[0],
+            "BETA_SK": B_KEYS[1],
+        }
+        code, out, err = await run_cli(env, "--config", str(settings.config), "sync", "--once")
+    assert code == 1, err
+    refused = [line for line in err.splitlines() if line.startswith("image-sync: ")]
+    assert len(refused) == 1 and "account beta" in refused[0], err
+    assert "UNAUTHENTICATED" in refused[0]
+    assert "Traceback" not in err
+    assert B_KEYS[1] not in err + out and DEMO_SECRET_KEY not in err + out
+    rows = await _rows(
+        engine,
+        "SELECT coalesce(account, '-'), status FROM inventory.sync_partitions",
+    )
+    assert {s for a, s in rows if a == "beta"} == {"failed"}
+    assert {s for a, s in rows if a != "beta"} == {"succeeded"}
