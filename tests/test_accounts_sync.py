@@ -58,16 +58,23 @@ role_jrn = "{role}"
     )
     env = {
         "DATABASE_URL": database_url,
+        "IMAGE_SYNC_RATE_LIMIT": "0",
+        "IMAGE_SYNC_HTTP": "off",
+        **_account_env(sim),
+    }
+    return load_settings(env, config)
+
+
+def _account_env(sim: Simulator) -> dict[str, str]:
+    """The endpoints and the key pairs the configuration's accounts name."""
+    return {
         "JDCLOUD_ENDPOINT": sim.url,
         "JDCLOUD_STS_ENDPOINT": sim.url,
         "JDCLOUD_ACCESS_KEY": DEMO_ACCESS_KEY,
         "JDCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
         "BETA_AK": B_KEYS[0],
         "BETA_SK": B_KEYS[1],
-        "IMAGE_SYNC_RATE_LIMIT": "0",
-        "IMAGE_SYNC_HTTP": "off",
     }
-    return load_settings(env, config)
 
 
 def _simulated_accounts(sim: Simulator) -> None:
@@ -372,15 +379,7 @@ async def test_the_cli_names_each_refused_account_and_exits_1(
         settings = _settings(tmp_path, sim, database_url)
         assert settings.config is not None
         sim.state.accounts.refuse("b")
-        env = {
-            **cli_env,
-            "JDCLOUD_ENDPOINT": sim.url,
-            "JDCLOUD_STS_ENDPOINT": sim.url,
-            "JDCLOUD_ACCESS_KEY": DEMO_ACCESS_KEY,
-            "JDCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
-            "BETA_AK": B_KEYS[0],
-            "BETA_SK": B_KEYS[1],
-        }
+        env = {**cli_env, **_account_env(sim)}
         code, out, err = await run_cli(env, "--config", str(settings.config), "sync", "--once")
     assert code == 1, err
     refused = [line for line in err.splitlines() if line.startswith("image-sync: ")]
