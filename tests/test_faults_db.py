@@ -53,7 +53,7 @@ pytestmark = pytest.mark.db
 SEED = 21
 IMAGES = 400
 PAGE_SIZE = 10
-TARGET = Partition("cn-east-1", "private")  # mutate() changes it: a rollback is visible
+TARGET = Partition("cn-east-1", "private", "default")  # mutate() changes it: a rollback is visible
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +350,7 @@ async def test_database_lost_mid_sync_leaves_no_unretrieved_task_exception(
         # One region, many pages per listing: several pages are in flight at the stop.
         async with running_simulator(images=1500, seed=SEED, regions=["cn-north-1"]) as sim:
             settings = make_settings(sim.url, DATABASE_URL=url, IMAGE_SYNC_REGIONS="cn-north-1")
-            at = At(Partition("cn-north-1", "private"), 5, killable_pg.stop_immediate)
+            at = At(Partition("cn-north-1", "private", "default"), 5, killable_pg.stop_immediate)
             try:
                 await run(engine, settings, progress=at, partition_concurrency=5)
             except Exception as exc:  # the run cannot even be recorded as finished

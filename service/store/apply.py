@@ -109,10 +109,10 @@ _CREATE_STAGING = [
     _staging_table("stage_extras", _STAGE_EXTRA_COLUMNS, images, key="image_id"),
     _staging_table("stage_seen", ("image_id", "listing"), images),
     _staging_table("stage_disks", _STAGE_DISK_COLUMNS, image_disks),
-    # Images an account's private listing takes over from shared access (account
-    # partitions fill it; see _ADOPTED).
-    "CREATE TEMP TABLE stage_adopted (image_id text PRIMARY KEY) ON COMMIT DROP",
 ]
+_CREATE_ADOPTED = "CREATE TEMP TABLE stage_adopted (image_id text PRIMARY KEY) ON COMMIT DROP"
+"""Images an account's private listing takes over from shared access (account partitions
+fill it, :data:`_ADOPTED`; _DIFF reads it for every partition)."""
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
 _SET_COLS = ", ".join(
@@ -504,7 +504,7 @@ class PartitionWriter:
         )
 
     async def open(self) -> None:
-        for statement in _CREATE_STAGING:
+        for statement in (*_CREATE_STAGING, _CREATE_ADOPTED):
             await self._conn.execute(sa.text(statement))
         raw = await self._conn.get_raw_connection()
         self._driver = raw.driver_connection
