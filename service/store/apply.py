@@ -122,12 +122,13 @@ DELETE FROM stage_disks d
 # from its stored row and disks, so the classification below sees it as changed.
 _PROMOTE_SEEN = f"""
 CREATE TEMP TABLE stage_promoted ON COMMIT DROP AS
-SELECT u.image_id, u.listing
+SELECT DISTINCT ON (u.image_id) u.image_id, u.listing  -- seen in two listings: the later
   FROM stage_seen u
   JOIN inventory.images i ON i.region_id = :region AND i.image_id = u.image_id
   LEFT JOIN stage_extras x ON x.image_id = u.image_id
   CROSS JOIN LATERAL (SELECT {", ".join(f"x.{c}" for c in EXTRA_COLUMNS)}) e
  WHERE {_EXTRAS_DIFFER}
+ ORDER BY u.image_id, u.listing DESC
 """
 _PROMOTE_IMAGES = f"""
 INSERT INTO stage_images ({", ".join(IMAGE_COLUMNS)}, raw, listing)
