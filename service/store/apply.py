@@ -19,13 +19,15 @@ The event documents (``after``/``before``) use the fields of
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.errors import DatabaseError
 from service.normalize import (
     DISK_COLUMNS,
     EXTRA_COLUMNS,
@@ -35,6 +37,7 @@ from service.normalize import (
     ImageRow,
     image_record,
 )
+from service.store.engine import describe_error
 from service.store.feed import event_id_floor, record_batch
 from service.store.tables import EVENT_TYPES
 
@@ -338,21 +341,27 @@ class PartitionWriter:
         raw = await self._conn.get_raw_connection()
         self._driver = raw.driver_connection
 
+    async def _copy(
+        self, table: str, records: Iterable[tuple[Any, ...]], columns: Sequence[str]
+    ) -> None:
+        """Binary COPY into a staging table through the driver connection (SQLAlchemy has
+        no COPY), whose errors are the driver's own: translated here, like SQLAlchemy's."""
+        try:
+            await self._driver.copy_records_to_table(table, records=records, columns=columns)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseError(f"staging {table}: {describe_error(exc)}") from exc
+
     async def stage(self, rows: Sequence[ImageRow], listing: int) -> None:
         """COPY one page's rows (already de-duplicated) into staging."""
         if not rows:
             return
         self._listings.add(listing)
-        await self._driver.copy_records_to_table(
-            "stage_images",
-            records=[(*image_record(r), listing) for r in rows],
-            columns=_STAGE_IMAGE_COLUMNS,
+        await self._copy(
+            "stage_images", [(*image_record(r), listing) for r in rows], _STAGE_IMAGE_COLUMNS
         )
         disks = [(r.image_id, *_disk_tuple(d), listing) for r in rows for d in r.disks]
         if disks:
-            await self._driver.copy_records_to_table(
-                "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
-            )
+            await self._copy("stage_disks", disks, _STAGE_DISK_COLUMNS)
 
     async def listed_hashes(self) -> dict[str, bytes]:
         """``image_id -> content_hash`` of the partition's listed images (for a resync to
@@ -370,10 +379,10 @@ class PartitionWriter:
         """Record images listed again with their stored content hash: seen, not rewritten."""
         if image_ids:
             self._listings.add(listing)
-            await self._driver.copy_records_to_table(
+            await self._copy(
                 "stage_seen",
-                records=[(image_id, listing) for image_id in image_ids],
-                columns=("image_id", "listing"),
+                [(image_id, listing) for image_id in image_ids],
+                ("image_id", "listing"),
             )
 
     async def stage_extras(self, extras: Sequence[ImageExtras]) -> None:
@@ -383,10 +392,8 @@ class PartitionWriter:
         then stored extras of images without any now are cleared."""
         self._extras = True
         if extras:
-            await self._driver.copy_records_to_table(
-                "stage_extras",
-                records=[e.record() for e in extras],
-                columns=("image_id", *EXTRA_COLUMNS),
+            await self._copy(
+                "stage_extras", [e.record() for e in extras], ("image_id", *EXTRA_COLUMNS)
             )
 
     async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
