@@ -23,7 +23,10 @@ few example keys; an empty list means everything holds. The invariants:
    partition's merge and its record share one transaction).
 
 The SQL here is written independently of :mod:`service.store.apply` on purpose: a
-checker that reused the merge's own expressions would share its bugs.
+checker that reused the merge's own expressions would share its bugs. That is why this
+module, alone outside ``service/store/``, builds SQL and imports the driver
+(tests/test_architecture.py allows it): it is the store's read-only auditor, not one of
+its clients.
 """
 
 from __future__ import annotations

@@ -110,6 +110,7 @@ class Daemon:
         self._draining = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._cancelling_tick = False  # set by the drain just before it cancels the tick
         self._startup_tick: asyncio.Task[None] | None = None
         self._ticks = 0
         subscribers = subscribers_of(self.settings)
@@ -224,7 +225,14 @@ class Daemon:
                     return
             await self.tick(aligned=self._ticks > 1)
         except asyncio.CancelledError:
-            raise
+            if not self._cancelling_tick:
+                raise
+            # The drain's own cancel once the grace is over: the shutdown working, not
+            # an error for the scheduler to report. The task ends normally.
+            log.info("tick cancelled: the daemon is stopping")
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         except Exception:  # a bug; the daemon keeps ticking and says so
             log.exception("tick failed unexpectedly")
         finally:
@@ -342,6 +350,7 @@ class Daemon:
             log.info("daemon stopping: the run in hand finished")
             return
         log.warning("daemon stopping: grace period over; cancelling the run in hand")
+        self._cancelling_tick = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

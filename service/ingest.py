@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -137,9 +137,10 @@ class PartitionIntake:
         )
         if partition.source in EXTRA_SOURCES:
             ids = sorted({i for ids in staged.extras_ids.values() for i in ids})
-            extras, vanished = await fetch_extras(self.client, partition, ids, self.stats)
-            # Deleted between its listing and its members call: keep what is stored
-            # (the next sync sees it gone), no spurious change of shares.
+            stored = [e.image_id for e in await writer.stored_extras(ids)]
+            extras, vanished = await fetch_extras(self.client, partition, ids, self.stats, stored)
+            # Deleted between its listing and its members or constraints call: keep
+            # what is stored (the next sync sees it gone), no spurious change.
             await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
         if settled and staged.invalid_without_id == 0:
             staged.keep_ids |= await self._still_there()
@@ -300,32 +301,70 @@ def _wants_extras(source: str) -> Callable[[Any], bool]:
 
 
 async def fetch_extras(
-    client: ImagesClient, partition: Partition, ids: Sequence[str], stats: RequestStats
+    client: ImagesClient,
+    partition: Partition,
+    ids: Sequence[str],
+    stats: RequestStats,
+    stored: Collection[str] = (),
 ) -> tuple[list[ImageExtras], list[str]]:
     """Members of the partition's shared private images (one describeImageMembers call
     each, every sync: a share changes nothing describeImages shows), or the
     instance-type constraints of its public/thirdparty images (describeImageConstraintsBatch,
     as few calls as the URL length allows). Returns the images with something to say,
     and the ids whose members call answered 404 (the image was deleted after the
-    listing: drift, not a failure). Any other failure raises: the partition fails and
-    its transaction rolls back. An id that cannot be put in a URL as it is (no real one)
-    is not asked about: its extras stay null."""
+    listing: drift, not a failure; constraints: see :func:`_fetch_constraints`, which
+    ``stored``, the ids with a stored constraint, is for). Any other failure raises: the
+    partition fails and its transaction rolls back. An id that cannot be put in a URL as
+    it is (no real one) is not asked about: its extras stay null."""
     ids = [image_id for image_id in ids if is_plain_image_id(image_id)]
     if partition.source == "private":
         return await _fetch_members(client, partition, ids, stats)
     if not ids:
         return [], []
+    return await _fetch_constraints(client, partition, ids, stats, stored)
+
+
+async def _fetch_constraints(
+    client: ImagesClient,
+    partition: Partition,
+    ids: Sequence[str],
+    stats: RequestStats,
+    stored: Collection[str],
+) -> tuple[list[ImageExtras], list[str]]:
+    """describeImageConstraintsBatch for all ``ids``. Its answer lists only images that
+    exist and have a constraint, so an absent id is ambiguous: constraint lifted, or image
+    deleted after its listing. Absent ids with a ``stored`` constraint are asked one by
+    one (describeImageConstraints): 404 is a vanished image (its stored value stays)."""
     wanted = set(ids)
     found = {  # by id: an id answered twice is recorded once (its last answer)
-        c.image_id: ImageExtras(
+        c.image_id: c
+        for c in await client.describe_image_constraints(partition.region, ids, stats=stats)
+        if c.image_id in wanted and (c.constraints_type is not None or c.instance_types is not None)
+    }
+    vanished: list[str] = []
+
+    async def confirm(image_id: str) -> None:
+        try:
+            found[image_id] = await client.describe_image_constraint(
+                partition.region, image_id, stats=stats
+            )
+        except PermanentApiError as exc:
+            if exc.http_status != 404:
+                raise
+            log.info("partition %s: %s vanished after its listing", partition, image_id)
+            vanished.append(image_id)
+
+    await gather_or_cancel(*(confirm(i) for i in sorted(wanted & set(stored) - found.keys())))
+    extras = [
+        ImageExtras(
             c.image_id,
             instance_types_constraint=c.constraints_type,
             instance_types=c.instance_types,
         )
-        for c in await client.describe_image_constraints(partition.region, ids, stats=stats)
-        if c.image_id in wanted and (c.constraints_type is not None or c.instance_types is not None)
-    }
-    return list(found.values()), []
+        for c in found.values()
+        if c.constraints_type is not None or c.instance_types is not None
+    ]
+    return extras, vanished
 
 
 async def _fetch_members(

@@ -317,6 +317,46 @@ async def test_a_second_signal_exits_at_once(
     assert await mark_abandoned(engine) == 1
 
 
+async def test_a_scheduled_run_cancelled_at_the_grace_is_no_error(
+    engine: AsyncEngine, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM while a *scheduled* tick's run is in hand and the grace runs out: the drain
+    cancels the job, which is the shutdown working, not a failure. It used to escape into
+    APScheduler, which logged "Job ... raised an exception" (found by the soak)."""
+    async with (
+        running_simulator(seed=9, images=200) as simulator,
+        replicas(
+            1,
+            daemon_env(cli_env, simulator, IMAGE_SYNC_INTERVAL="1", IMAGE_SYNC_GRACE_PERIOD="0.3"),
+            tmp_path,
+        ) as (daemon,),
+    ):
+        await wait_for(
+            lambda: scalar(
+                engine, "SELECT count(*) FROM inventory.sync_runs WHERE status = 'succeeded'"
+            ),
+            30,
+            "the start-up tick's run",
+        )
+        simulator.faults.update({"latency_ms": 3000})
+        await wait_for(
+            lambda: scalar(
+                engine, "SELECT count(*) FROM inventory.sync_runs WHERE status = 'running'"
+            ),
+            15,
+            "a scheduled run",
+            step=0.02,
+        )
+        await asyncio.sleep(0.2)  # its partitions are in hand
+        daemon.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(daemon.process.wait(), 10)
+    output = daemon.output()
+    assert code == 0, output[-3000:]
+    assert "grace period over" in output
+    errors = [line for line in output.splitlines() if '"level":"error"' in line]
+    assert errors == [], errors[0][:2000]
+
+
 @pytest.mark.parametrize(
     ("grace", "latency_ms", "outcome"),
     [("30", 400, "succeeded"), ("0.5", 3000, "abandoned")],

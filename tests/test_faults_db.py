@@ -26,14 +26,19 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from aiohttp import web
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import open_runtime
+from service.errors import DatabaseError
 from service.ingest import Progress
 from service.jdcloud.listing import Partition
+from service.normalize import ImageExtras, normalize_image
 from service.simulator import running_simulator
+from service.simulator.catalogue import Catalogue
 from service.store import migrate
+from service.store.apply import PARTITION_LOCK_SPACE, PartitionWriter
 from service.store.engine import create_engine
 from service.store.runs import PartitionReport
 from service.sync import SyncReport, sync_once
@@ -47,6 +52,7 @@ from tests.fault_helpers import (
     mutate,
     truncate,
 )
+from tests.local_api import local_api
 
 pytestmark = pytest.mark.db
 
@@ -172,8 +178,6 @@ async def test_database_lost_mid_partition(
                 killable_pg.start()
             # The run failed cleanly: a one-line DatabaseError, or a report of failures.
             if isinstance(outcome, BaseException):
-                from service.errors import DatabaseError
-
                 assert isinstance(outcome, DatabaseError), repr(outcome)
                 assert "\n" not in str(outcome)
             else:
@@ -317,7 +321,6 @@ async def test_database_down_when_a_run_starts(
     killable_pg: KillablePostgres, make_settings: Any
 ) -> None:
     """A database that is down when a run starts: one clear DatabaseError, no run row."""
-    from service.errors import DatabaseError
 
     url = killable_pg.create_database()
     engine = create_engine(url)
@@ -365,3 +368,82 @@ async def test_database_lost_mid_sync_leaves_no_unretrieved_task_exception(
         await engine.dispose()
     unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert not unretrieved, unretrieved[0].getMessage()
+
+
+async def test_a_staging_copy_cut_by_the_database_fails_its_partition(
+    engine: AsyncEngine, make_settings: Any, database_url: str
+) -> None:
+    """The partition's backend is terminated while its pages are read, so the first
+    statement to meet the dead connection is a page's binary COPY into staging, which
+    goes through the driver directly: its asyncpg error must become the partition's
+    DATABASE failure, not escape the run (found by the soak's PostgreSQL restart: the
+    scheduled tick raised ``asyncpg.exceptions._base.InterfaceError``)."""
+
+    images = Catalogue(seed=4, images=40, regions=("cn-north-1",), sources=("private",)).images(
+        "cn-north-1", "private"
+    )[:20]
+    killed: list[int] = []
+
+    async def listing(request: web.Request) -> web.Response:
+        number = int(request.query.get("pageNumber", "1"))
+        if number == 2 and not killed:
+            async with engine.connect() as conn:
+                killed.extend(
+                    (
+                        await conn.execute(
+                            sa.text(
+                                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                                " WHERE locktype = 'advisory' AND classid = :space"
+                            ),
+                            {"space": PARTITION_LOCK_SPACE},
+                        )
+                    ).scalars()
+                )
+            await asyncio.sleep(0.1)  # the backend is gone before the page is staged
+        page = images[(number - 1) * 10 : number * 10]
+        return web.json_response(
+            {"requestId": "r", "result": {"images": page, "totalCount": len(images)}}
+        )
+
+    async with local_api(listing) as url:
+        settings = make_settings(url, IMAGE_SYNC_REGIONS="cn-north-1", IMAGE_SYNC_SOURCES="private")
+        async with open_runtime(settings) as rt:
+            report = await sync_once(engine, rt.client, rt.partitions(), page_size=10)
+            assert killed == [True]
+            (failed,) = report.partitions
+            assert (failed.status, failed.error_status) == ("failed", "DATABASE"), failed
+            assert failed.error_message and "\n" not in failed.error_message
+            assert (await sync_once(engine, rt.client, rt.partitions(), page_size=10)).ok
+    async with engine.connect() as conn:
+        statuses = (await conn.execute(sa.text("SELECT status FROM inventory.sync_runs"))).all()
+        assert [s for (s,) in statuses] == ["failed", "succeeded"]
+        assert await conn.scalar(sa.text("SELECT count(*) FROM inventory.images")) == 20
+
+
+async def test_staging_copies_raise_the_projects_database_error(engine: AsyncEngine) -> None:
+    """The staging COPYs use the driver connection directly; a connection lost under them
+    raises :class:`DatabaseError` (one line, its cause kept), not asyncpg's InterfaceError,
+    which no handler of a partition expects."""
+
+    item = Catalogue(seed=5, images=40, regions=("cn-north-1",), sources=("public",)).images(
+        "cn-north-1", "public"
+    )[0]
+    row = normalize_image(item, region_id="cn-north-1", image_source="public")
+    calls = {
+        "stage": lambda w: w.stage([row], 0),
+        "stage_unchanged": lambda w: w.stage_unchanged([row.image_id], 0),
+        "stage_extras": lambda w: w.stage_extras([ImageExtras(row.image_id, ("jd_a",))]),
+    }
+    for name, call in calls.items():
+        async with engine.connect() as conn:
+            writer = PartitionWriter(conn, region="cn-north-1", source="public")
+            await writer.open()
+            pid = await conn.scalar(sa.text("SELECT pg_backend_pid()"))
+            async with engine.connect() as admin:
+                await admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            await asyncio.sleep(0.1)
+            with pytest.raises(DatabaseError) as raised:
+                await call(writer)
+            assert raised.value.__cause__ is not None, name
+            assert "\n" not in str(raised.value), name
+            await conn.invalidate()

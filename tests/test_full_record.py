@@ -17,6 +17,7 @@ from service.simulator import Simulator, running_simulator
 from service.simulator.catalogue import OFFLINE_SOURCES, Catalogue
 from service.sync import SyncReport, sync_once
 from tests.fault_helpers import MEMBERS_ROUTE, assert_invariants, row_versions
+from tests.local_api import local_api
 
 REGIONS = "cn-north-1,cn-east-1"
 SOURCES = "public,thirdparty,private,shared"
@@ -392,3 +393,96 @@ async def test_an_image_deleted_before_its_members_call_keeps_its_stored_shares(
     async with engine.connect() as conn:
         shared = await conn.scalar(sa.text("SELECT shared_with FROM inventory.images"))
     assert shared == ["jd_a", "jd_b"]
+
+
+CONSTRAINTS_BATCH_ROUTE = "/v1/regions/{region}/imageConstraints"
+CONSTRAINT_ROUTE = "/v1/regions/{region}/images/{image_id}/constraints"
+
+
+async def test_an_image_deleted_before_its_constraints_call_keeps_its_stored_constraint(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """describeImageConstraintsBatch lists only images that exist and have a constraint: an
+    image deleted between its listing and the batch is absent from the answer, which must
+    not read as "its constraint was removed" (found by the soak: `updated`, then `removed`).
+    The absent id is confirmed with describeImageConstraints: 404 keeps the stored value;
+    an image that is still there and has no constraint any more is cleared."""
+    image = Catalogue(seed=2, images=40, regions=("cn-north-1",), sources=("public",)).images(
+        "cn-north-1", "public"
+    )[0]
+    constraint = {"constraintsType": "excludes", "instanceTypes": ["g.n2.large"]}
+    state = {"batch_has_it": True, "exists": True}
+
+    async def listing(request: web.Request) -> web.Response:
+        online = request.query.get("offline") != "true"  # only the offline=false listing
+        images = [image] if online else []
+        return web.json_response(
+            {"requestId": "r", "result": {"images": images, "totalCount": len(images)}}
+        )
+
+    def entry() -> dict[str, Any]:
+        return {"imageId": image["imageId"], "imageInstanceTypeConstraint": constraint}
+
+    async def batch(request: web.Request) -> web.Response:
+        found = [entry()] if state["batch_has_it"] else []
+        return web.json_response({"requestId": "r", "result": {"imageConstraints": found}})
+
+    async def single(request: web.Request) -> web.Response:
+        if not state["exists"]:
+            error = {"code": 404, "status": "NOT_FOUND", "message": "Image not found"}
+            return web.json_response({"requestId": "r", "error": error}, status=404)
+        none = {"imageId": image["imageId"], "imageInstanceTypeConstraint": None}
+        return web.json_response({"requestId": "r", "result": {"imageConstraints": none}})
+
+    routes = {CONSTRAINTS_BATCH_ROUTE: batch, CONSTRAINT_ROUTE: single}
+    async with local_api(listing, routes) as url:
+        settings = make_settings(url, IMAGE_SYNC_REGIONS="cn-north-1", IMAGE_SYNC_SOURCES="public")
+        async with open_runtime(settings) as rt:
+            assert (await sync_once(engine, rt.client, rt.partitions())).ok
+            versions = await row_versions(engine)
+            state.update(batch_has_it=False, exists=False)  # deleted after its listing
+            report = await sync_once(engine, rt.client, rt.partitions())
+            assert report.ok and report.total("updated") == 0
+            assert await row_versions(engine) == versions
+            state["exists"] = True  # there, with its constraint lifted
+            report = await sync_once(engine, rt.client, rt.partitions())
+    assert report.ok and report.total("updated") == 1
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                sa.text("SELECT instance_types_constraint, instance_types FROM inventory.images")
+            )
+        ).one()
+    assert tuple(stored) == (None, None)
+
+
+async def test_an_image_listed_in_both_listings_with_changed_extras_is_merged_once(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """An API that lists one unchanged image in both the online and the offline listing
+    while its constraint changes: the image is staged as seen twice and promoted for its
+    new extras once (it failed with "ON CONFLICT DO UPDATE command cannot affect row a
+    second time")."""
+    image = Catalogue(seed=3, images=40, regions=("cn-north-1",), sources=("public",)).images(
+        "cn-north-1", "public"
+    )[0]
+    constraint: dict[str, Any] = {"constraintsType": "includes", "instanceTypes": ["g.n2.large"]}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"requestId": "r", "result": {"images": [image], "totalCount": 1}})
+
+    async def batch(request: web.Request) -> web.Response:
+        found = {"imageId": image["imageId"], "imageInstanceTypeConstraint": constraint}
+        return web.json_response({"requestId": "r", "result": {"imageConstraints": [found]}})
+
+    async with local_api(listing, {CONSTRAINTS_BATCH_ROUTE: batch}) as url:
+        settings = make_settings(url, IMAGE_SYNC_REGIONS="cn-north-1", IMAGE_SYNC_SOURCES="public")
+        async with open_runtime(settings) as rt:
+            assert (await sync_once(engine, rt.client, rt.partitions())).ok
+            constraint["instanceTypes"] = ["g.n2.xlarge"]
+            report = await sync_once(engine, rt.client, rt.partitions())
+    assert report.ok and report.total("updated") == 1, report
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.text("SELECT instance_types FROM inventory.images")) == [
+            "g.n2.xlarge"
+        ]

@@ -18,11 +18,6 @@ from bench.run import ROOT, _clean_env
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 
 
-# Opt-in (`pytest -m slow tests/test_soak.py`) until the two failures it finds on the
-# integrated code are fixed (issue 18, open): an image deleted between its listing and the
-# constraints call gets an `updated` event before its `removed`, and a scheduled tick raised
-# an exception during the database restart. It passed on the soak's own branch (bench/SOAK.md).
-@pytest.mark.slow
 def test_two_minute_soak_passes_every_check(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--minutes", "2", "--results-dir", str(tmp_path)],

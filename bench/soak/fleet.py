@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -182,8 +183,20 @@ def unexpected_errors(log: Path) -> list[str]:
     out: list[str] = []
     handle: IO[str]
     with log.open(errors="replace") as handle:
-        out = [line.strip()[:300] for line in handle if any(m in line for m in markers)]
+        out = [_summary(line) for line in handle if any(m in line for m in markers)]
     return out
+
+
+def _summary(line: str) -> str:
+    """One log line as the report shows it: a JSON record's message and the last line of
+    its traceback (the exception itself, which the report would otherwise cut off)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()[:300]
+    exception = str(record.get("exception") or "").strip().splitlines()
+    raised = f" -> {exception[-1][:200]}" if exception else ""
+    return f"{str(record.get('message'))[:200]}{raised}"
 
 
 def pid_alive(pid: int) -> bool:

@@ -49,7 +49,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  inventory schema {sizes[0] / 2**20:.1f} -> {sizes[-1] / 2**20:.1f} MB")
     print("\nchecks")
     for check in result["checks"]:
-        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail'][:160]}")
+        detail = check["detail"] if not check["ok"] else check["detail"][:160]  # failures whole
+        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {detail}")
     print(f"\nsoak {'PASSED' if result['ok'] else 'FAILED'}")
 
 

@@ -188,8 +188,11 @@ async def _finish(fleet: Fleet, checker: Checker) -> None:
     await checker.no_run_running()
     await checker.cli_check("end")
     errors = [f"{r.name}: {line}" for r in fleet.replicas for line in unexpected_errors(r.log)]
+    logs = f" (whole tracebacks in {fleet.logs})" if errors else ""
     checker.record(
-        "no unexpected error in the replicas' logs", not errors, "; ".join(errors[:3]) or "none"
+        "no unexpected error in the replicas' logs",
+        not errors,
+        ("; ".join(errors[:3]) or "none") + logs,
     )
 
 

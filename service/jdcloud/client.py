@@ -356,6 +356,22 @@ class ImagesClient:
             region, f"/images/{image_id}/members", "", stats or RequestStats(), _parse_members
         )
 
+    async def describe_image_constraint(
+        self, region: str, image_id: str, *, stats: RequestStats | None = None
+    ) -> InstanceTypeConstraint:
+        """``GET /v1/regions/{region}/images/{imageId}/constraints``
+        (describeImageConstraints): one image's constraint (``constraints_type`` None when
+        it has none); 404 (:class:`PermanentApiError`) when the image does not exist."""
+        _check_region(region)
+        _check_image_id(image_id)
+        return await self._get(
+            region,
+            f"/images/{image_id}/constraints",
+            "",
+            stats or RequestStats(),
+            _parse_constraint,
+        )
+
     async def describe_image_constraints(
         self, region: str, ids: Sequence[str], *, stats: RequestStats | None = None
     ) -> list[InstanceTypeConstraint]:
@@ -764,19 +780,26 @@ def _parse_constraints(body: bytes, region: str) -> list[InstanceTypeConstraint]
     entries = result.get("imageConstraints") or []
     if not isinstance(entries, list):
         raise _malformed("result.imageConstraints is not a list", region, request_id)
-    found = []
-    for entry in entries:
-        image_id = entry.get("imageId") if isinstance(entry, dict) else None
-        if not isinstance(image_id, str) or not image_id:
-            raise _malformed("an imageConstraints entry has no imageId", region, request_id)
-        constraint = entry.get("imageInstanceTypeConstraint")
-        if constraint is None:
-            found.append(InstanceTypeConstraint(image_id, None, None))
-            continue
-        kind = constraint.get("constraintsType") if isinstance(constraint, dict) else None
-        raw_types = constraint.get("instanceTypes") if isinstance(constraint, dict) else None
-        types = None if raw_types is None else _strings(raw_types)
-        if not isinstance(kind, str | None) or (raw_types is not None and types is None):
-            raise _malformed(f"the constraint of {image_id:.60} is not one", region, request_id)
-        found.append(InstanceTypeConstraint(image_id, kind, types))
-    return found
+    return [_constraint_entry(entry, region, request_id) for entry in entries]
+
+
+def _parse_constraint(body: bytes, region: str) -> InstanceTypeConstraint:
+    """describeImageConstraints: ``result.imageConstraints``, one entry (not a list)."""
+    result, request_id = _parse_result(body, region)
+    return _constraint_entry(result.get("imageConstraints"), region, request_id)
+
+
+def _constraint_entry(entry: Any, region: str, request_id: str | None) -> InstanceTypeConstraint:
+    """One ``{imageId, imageInstanceTypeConstraint}`` entry."""
+    image_id = entry.get("imageId") if isinstance(entry, dict) else None
+    if not isinstance(image_id, str) or not image_id:
+        raise _malformed("an imageConstraints entry has no imageId", region, request_id)
+    constraint = entry.get("imageInstanceTypeConstraint")
+    if constraint is None:
+        return InstanceTypeConstraint(image_id, None, None)
+    kind = constraint.get("constraintsType") if isinstance(constraint, dict) else None
+    raw_types = constraint.get("instanceTypes") if isinstance(constraint, dict) else None
+    types = None if raw_types is None else _strings(raw_types)
+    if not isinstance(kind, str | None) or (raw_types is not None and types is None):
+        raise _malformed(f"the constraint of {image_id:.60} is not one", region, request_id)
+    return InstanceTypeConstraint(image_id, kind, types)

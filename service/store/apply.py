@@ -19,7 +19,7 @@ The event documents (``after``/``before``) use the fields of
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from service.normalize import (
     disk_record,
     image_record,
 )
+from service.store.engine import database_errors
 from service.store.feed import event_id_floor, record_batch
 from service.store.tables import image_disks, images
 from service.vocabulary import EVENT_TYPES
@@ -142,12 +143,13 @@ DELETE FROM stage_disks d
 # from its stored row and disks, so the classification below sees it as changed.
 _PROMOTE_SEEN = f"""
 CREATE TEMP TABLE stage_promoted ON COMMIT DROP AS
-SELECT u.image_id, u.listing
+SELECT DISTINCT ON (u.image_id) u.image_id, u.listing  -- seen in two listings: the later
   FROM stage_seen u
   JOIN inventory.images i ON i.region_id = :region AND i.image_id = u.image_id
   LEFT JOIN stage_extras x ON x.image_id = u.image_id
   CROSS JOIN LATERAL (SELECT {", ".join(f"x.{c}" for c in EXTRA_COLUMNS)}) e
  WHERE {_EXTRAS_DIFFER}
+ ORDER BY u.image_id, u.listing DESC
 """
 _PROMOTE_IMAGES = f"""
 INSERT INTO stage_images ({", ".join(IMAGE_COLUMNS)}, raw, listing)
@@ -509,21 +511,25 @@ class PartitionWriter:
         raw = await self._conn.get_raw_connection()
         self._driver = raw.driver_connection
 
+    async def _copy(
+        self, table: str, records: Iterable[tuple[Any, ...]], columns: Sequence[str]
+    ) -> None:
+        """Binary COPY into a staging table through the driver connection (SQLAlchemy has
+        no COPY), whose errors are the driver's own: translated here, like SQLAlchemy's."""
+        with database_errors(f"staging {table}"):
+            await self._driver.copy_records_to_table(table, records=records, columns=columns)
+
     async def stage(self, rows: Sequence[ImageRow], listing: int) -> None:
         """COPY one page's rows (already de-duplicated) into staging."""
         if not rows:
             return
         self._listings.add(listing)
-        await self._driver.copy_records_to_table(
-            "stage_images",
-            records=[(*image_record(r), listing) for r in rows],
-            columns=_STAGE_IMAGE_COLUMNS,
+        await self._copy(
+            "stage_images", [(*image_record(r), listing) for r in rows], _STAGE_IMAGE_COLUMNS
         )
         disks = [(r.image_id, *disk_record(d), listing) for r in rows for d in r.disks]
         if disks:
-            await self._driver.copy_records_to_table(
-                "stage_disks", records=disks, columns=_STAGE_DISK_COLUMNS
-            )
+            await self._copy("stage_disks", disks, _STAGE_DISK_COLUMNS)
 
     async def listed_hashes(self) -> dict[str, bytes]:
         """``image_id -> content_hash`` of the partition's listed images (for a resync to
@@ -544,10 +550,10 @@ class PartitionWriter:
         """Record images listed again with their stored content hash: seen, not rewritten."""
         if image_ids:
             self._listings.add(listing)
-            await self._driver.copy_records_to_table(
+            await self._copy(
                 "stage_seen",
-                records=[(image_id, listing) for image_id in image_ids],
-                columns=("image_id", "listing"),
+                [(image_id, listing) for image_id in image_ids],
+                ("image_id", "listing"),
             )
 
     async def stage_extras(self, extras: Sequence[ImageExtras]) -> None:
@@ -557,11 +563,7 @@ class PartitionWriter:
         then stored extras of images without any now are cleared."""
         self._extras = True
         if extras:
-            await self._driver.copy_records_to_table(
-                "stage_extras",
-                records=[e.record() for e in extras],
-                columns=_STAGE_EXTRA_COLUMNS,
-            )
+            await self._copy("stage_extras", [e.record() for e in extras], _STAGE_EXTRA_COLUMNS)
 
     async def stored_extras(self, image_ids: Sequence[str]) -> list[ImageExtras]:
         """The stored shares and constraints of these images (those that have any)."""
