@@ -62,6 +62,7 @@ STATUS_JSON_KEYS = {
         "last_error_status",
         "last_error_message",
         "configured",
+        "account",
     ),
     "runs": (*(column for _, column, _ in RUN_COLUMNS), "finished_at", "error_message"),
 }
@@ -94,10 +95,16 @@ async def print_status(engine: Engine, *, runs: int = 10, console: Console | Non
         health.add_column("last success", no_wrap=True)
     health.add_column("age", justify="right", no_wrap=True)
     health.add_column("error", overflow="fold")
+    # Partitions name their account once there are several (the one-account form's
+    # table stays as it was).
+    named = len({r.account for r in health_rows if r.account}) > 1
     for r in health_rows:
         error = f"{r.last_error_status}: {r.last_error_message}" if r.last_error_status else ""
         success = r.last_success_at.isoformat(timespec="seconds") if r.last_success_at else "never"
-        cells = [f"{r.region_id}/{r.image_source}", r.last_status or "not synced"]
+        where = f"{r.region_id}/{r.image_source}"
+        if named and r.account:
+            where = f"{r.account}:{where}"
+        cells = [where, r.last_status or "not synced"]
         if wide:
             cells.append(success)
         health.add_row(*cells, _age(r.age_seconds), error)

@@ -393,3 +393,31 @@ async def test_the_cli_names_each_refused_account_and_exits_1(
     )
     assert {s for a, s in rows if a == "beta"} == {"failed"}
     assert {s for a, s in rows if a != "beta"} == {"succeeded"}
+    code, out, err = await run_cli(cli_env, "status")
+    assert code == 0, err
+    assert "beta:cn-north-1/private" in out and "gamma:cn-east-2/shared" in out
+
+
+async def test_a_catalogue_partition_is_listed_with_the_next_account_when_the_first_is_refused(
+    engine: AsyncEngine, database_url: str, tmp_path: Path
+) -> None:
+    """The base pair refused: alpha (the pair itself) and gamma (a role it assumes) fail;
+    cn-north-1's catalogue is listed with beta, cn-east-2's (no other account) fails."""
+    catalogue = Catalogue(seed=65, images=60, regions=REGIONS)
+    async with running_simulator(catalogue) as sim:
+        _simulated_accounts(sim)
+        settings = _settings(tmp_path, sim, database_url)
+        sim.state.accounts.refuse("demo")
+        report, refused = await _sync(settings, engine)
+    assert report is None and refused is not None
+    assert set(refused.by_account or {}) == {"alpha", "gamma"}
+    rows = await _rows(
+        engine,
+        "SELECT coalesce(account, '-'), region_id, image_source, status"
+        " FROM inventory.sync_partitions",
+    )
+    catalogue_rows = {(r, s): st for a, r, s, st in rows if a == "-"}
+    assert {s for (r, _), s in catalogue_rows.items() if r == NORTH} == {"succeeded"}
+    assert {s for (r, _), s in catalogue_rows.items() if r != NORTH} == {"failed"}
+    assert {st for a, _, _, st in rows if a in ("alpha", "gamma")} == {"failed"}
+    assert {st for a, _, _, st in rows if a == "beta"} == {"succeeded"}

@@ -34,6 +34,8 @@ class HealthRow:
     last_error_status: str | None
     last_error_message: str | None
     configured: bool
+    account: str | None = None
+    """The partition's account (private, shared); None for a catalogue partition."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,8 @@ class EventSample:
 
 _HEALTH = """
 SELECT region_id, image_source, last_status, last_success_at, age_seconds,
-       last_error_status, last_error_message, configured
-  FROM inventory.sync_health ORDER BY region_id, image_source
+       last_error_status, last_error_message, configured, account
+  FROM inventory.sync_health ORDER BY region_id, image_source, account NULLS FIRST
 """
 _RUNS = """
 SELECT run_id, started_at, finished_at, status, trigger, host, partitions, partitions_failed,
