@@ -167,7 +167,6 @@ async def open_runtime(
             )
         )
         metrics = metrics or Metrics()
-        metrics.initialise(settings.regions, settings.sources)
         client = ImagesClient(
             session,
             endpoint=settings.endpoint,
@@ -179,8 +178,14 @@ async def open_runtime(
             metrics=metrics,
         )
         accounts = account_clients(settings, client, session)
+        runtime = Runtime(settings, database, session, client, metrics, accounts)
+        metrics.initialise(
+            settings.regions,
+            settings.sources,
+            [(p.region, p.source, p.account) for p in runtime.partitions()],
+        )
         tune_garbage_collector()
-        yield Runtime(settings, database, session, client, metrics, accounts)
+        yield runtime
 
 
 async def run_daemon(settings: Settings, *, apply_migrations: bool = False) -> int:

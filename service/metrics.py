@@ -60,15 +60,16 @@ class Metrics:
         )
         self.partition_duration = Histogram(
             "image_sync_partition_duration_seconds",
-            "Wall time of one (region, source) partition.",
-            ["region", "source"],
+            "Wall time of one partition (account empty for a catalogue partition).",
+            ["region", "source", "account"],
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
         self.partitions = Counter(
             "image_sync_partitions",
-            "Partition outcomes by region, source and status.",
-            ["region", "source", "status"],
+            "Partition outcomes by region, source, status and account (empty for a "
+            "catalogue partition).",
+            ["region", "source", "status", "account"],
             registry=r,
         )
         self.events = Counter(
@@ -89,15 +90,16 @@ class Metrics:
         )
         self.last_success = Gauge(
             "image_sync_partition_last_success_timestamp_seconds",
-            "Unix time of the last successful sync of each partition (from the database).",
-            ["region", "source"],
+            "Unix time of the last successful sync of each partition (from the database; "
+            "account empty for a catalogue partition).",
+            ["region", "source", "account"],
             registry=r,
         )
         self.partition_failing = Gauge(
             "image_sync_partition_failing",
             "1 while the latest attempt of a configured partition failed or was incomplete "
-            "(from inventory.sync_health), else 0.",
-            ["region", "source"],
+            "(from inventory.sync_health), else 0; account empty for a catalogue partition.",
+            ["region", "source", "account"],
             registry=r,
         )
 
@@ -141,17 +143,26 @@ class Metrics:
             registry=r,
         )
 
-    def initialise(self, regions: Iterable[str], sources: Iterable[str]) -> None:
-        """Create the labelled counters at 0 for the configured partitions, so that
+    def initialise(
+        self,
+        regions: Iterable[str],
+        sources: Iterable[str],
+        partitions: Iterable[tuple[str, str, str]] | None = None,
+    ) -> None:
+        """Create the labelled counters at 0 for the configured partitions ((region,
+        source, account) identities; default every region x source, no account), so that
         dashboards and alerts (``rate(...)``) see a series before its first event."""
         sources = tuple(sources)
+        regions = tuple(regions)
         for region in regions:
             self.api_throttled.labels(region)
             for reason in RETRY_REASONS:
                 self.api_retries.labels(region, reason)
-            for source in sources:
-                for status in PARTITION_STATUSES:
-                    self.partitions.labels(region, source, status)
+        if partitions is None:
+            partitions = ((region, source, "") for region in regions for source in sources)
+        for region, source, account in partitions:
+            for status in PARTITION_STATUSES:
+                self.partitions.labels(region, source, status, account)
         for event_type in EVENT_TYPES:
             self.events.labels(event_type)
 

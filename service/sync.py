@@ -341,9 +341,9 @@ def _observe(metrics: Metrics | None, report: PartitionReport) -> None:
         log.warning(line)
     if metrics is None:
         return
-    metrics.partitions.labels(p.region, p.source, report.status).inc()
+    metrics.partitions.labels(p.region, p.source, report.status, p.account).inc()
     if report.status != "skipped_locked":
-        metrics.partition_duration.labels(p.region, p.source).observe(report.seconds)
+        metrics.partition_duration.labels(p.region, p.source, p.account).observe(report.seconds)
     for event_type, count in report.counts.events().items():
         if count:
             metrics.events.labels(event_type).inc(count)

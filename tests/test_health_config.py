@@ -69,14 +69,20 @@ async def test_refused_credentials_turn_every_partition_red_in_the_first_tick(
                 await refresh_gauges(conn, runtime.metrics, settings.regions, settings.sources)
             failing = [
                 runtime.metrics.registry.get_sample_value(
-                    "image_sync_partition_failing", {"region": p.region, "source": p.source}
+                    "image_sync_partition_failing",
+                    {"region": p.region, "source": p.source, "account": p.account},
                 )
                 for p in daemon.partitions
             ]
             failed = sum(
                 runtime.metrics.registry.get_sample_value(
                     "image_sync_partitions_total",
-                    {"region": p.region, "source": p.source, "status": "failed"},
+                    {
+                        "region": p.region,
+                        "source": p.source,
+                        "status": "failed",
+                        "account": p.account,
+                    },
                 )
                 or 0
                 for p in daemon.partitions

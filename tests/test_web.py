@@ -155,7 +155,8 @@ async def check_metrics_against_database(
     assert total("image_sync_images") == sum(r.n for r in images)
     health = await rows(
         engine,
-        """SELECT region_id, image_source, extract(epoch FROM last_success_at)::float8 AS ts
+        """SELECT region_id, image_source, coalesce(account, '') AS account,
+                  extract(epoch FROM last_success_at)::float8 AS ts
              FROM inventory.sync_health""",
     )
     assert len(health) == PARTITIONS
@@ -164,6 +165,7 @@ async def check_metrics_against_database(
             "image_sync_partition_last_success_timestamp_seconds",
             region=r.region_id,
             source=r.image_source,
+            account=r.account,
         )
         assert got == pytest.approx(r.ts, abs=1e-3)
     db = (

@@ -138,12 +138,14 @@ SELECT region_id, image_source, offline, sum(images)::bigint AS images
   FROM inventory.inventory_summary GROUP BY region_id, image_source, offline
 """
 _LAST_SUCCESS_GAUGE = """
-SELECT region_id, image_source, extract(epoch FROM last_success_at)::double precision AS ts
+SELECT region_id, image_source, coalesce(account, '') AS account,
+       extract(epoch FROM last_success_at)::double precision AS ts
   FROM inventory.sync_health WHERE last_success_at IS NOT NULL
 """
 _FAILING = """
-SELECT region_id, image_source FROM inventory.sync_health
- WHERE last_status IN ('failed', 'incomplete')
+SELECT region_id, image_source, coalesce(account, '') AS account,
+       coalesce(last_status IN ('failed', 'incomplete'), false) AS failing
+  FROM inventory.sync_health
 """
 _FIRST_TRANSITION = """
 SELECT min(occurred_at) FROM inventory.offline_transitions WHERE occurred_at >= :since
@@ -223,15 +225,18 @@ async def images_gauge(conn: Connection) -> list[ImagesGauge]:
     return await _rows(conn, ImagesGauge, _IMAGES_GAUGE)
 
 
-async def last_success_times(conn: Connection) -> dict[tuple[str, str], float]:
-    """Unix time of the last success per (region, source) that ever succeeded."""
+async def last_success_times(conn: Connection) -> dict[tuple[str, str, str], float]:
+    """Unix time of the last success per partition identity (region, source, account;
+    ``""`` for a catalogue partition) that ever succeeded."""
     rows = (await conn.execute(sa.text(_LAST_SUCCESS_GAUGE))).all()
-    return {(r.region_id, r.image_source): r.ts for r in rows}
+    return {(r.region_id, r.image_source, r.account): r.ts for r in rows}
 
 
-async def failing_partitions(conn: Connection) -> set[tuple[str, str]]:
-    """(region, source) whose latest outcome is failed or incomplete."""
-    return {(r.region_id, r.image_source) for r in await conn.execute(sa.text(_FAILING))}
+async def failing_partitions(conn: Connection) -> dict[tuple[str, str, str], bool]:
+    """Each partition ``sync_health`` shows (region, source, account): whether its latest
+    outcome is failed or incomplete."""
+    rows = await conn.execute(sa.text(_FAILING))
+    return {(r.region_id, r.image_source, r.account): bool(r.failing) for r in rows}
 
 
 async def first_transition(conn: Connection, since: datetime) -> datetime | None:

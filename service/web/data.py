@@ -55,15 +55,14 @@ async def refresh_gauges(
     for labels, value in images.items():
         metrics.images.labels(*labels).set(value)
     metrics.last_success.clear()
-    for (region, source), ts in last.items():
-        metrics.last_success.labels(region, source).set(ts)
+    for (region, source, account), ts in last.items():
+        metrics.last_success.labels(region, source, account).set(ts)
     # Red in the tick that failed (refused credentials, unreachable endpoint), not only
-    # once the last success has aged past the stale threshold.
+    # once the last success has aged past the stale threshold; per partition identity.
     failing = await status.failing_partitions(conn)
     metrics.partition_failing.clear()
-    for region in regions:
-        for source in sources:
-            metrics.partition_failing.labels(region, source).set(int((region, source) in failing))
+    for (region, source, account), red in failing.items():
+        metrics.partition_failing.labels(region, source, account).set(int(red))
     for subscriber in await subscriber_statuses(conn):
         name = subscriber.state.subscriber
         metrics.webhook_failing.labels(name).set(1 if subscriber.state.failing else 0)
