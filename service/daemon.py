@@ -200,7 +200,11 @@ class Daemon:
                 stop=self._draining,
             )
         except AuthError as exc:
-            log.error("tick: the API refused the credentials: %s", exc)
+            # Recorded already: the refused accounts' partitions failed, the others synced.
+            for account, error in (exc.by_account or {"": exc}).items():
+                where = f" of account {account}" if account else ""
+                log.error("tick: the API refused the credentials%s: %s", where, error)
+            self._wake_webhooks.set()
             return None
         except DatabaseError as exc:
             log.error("tick: %s", exc)
