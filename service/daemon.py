@@ -75,6 +75,13 @@ class DaemonState(enum.Enum):
     STOPPED = "stopped"
 
 
+def _log_refusals(exc: AuthError) -> None:
+    """One line per account whose credentials the API refused in a tick."""
+    for account, error in (exc.by_account or {"": exc}).items():
+        where = f" of account {account}" if account else ""
+        log.error("tick: the API refused the credentials%s: %s", where, error)
+
+
 class Daemon:
     """Scheduled syncs with the parts of a runtime (:func:`service.app.open_runtime`),
     which the caller owns and closes."""
@@ -200,10 +207,7 @@ class Daemon:
                 stop=self._draining,
             )
         except AuthError as exc:
-            # Recorded already: the refused accounts' partitions failed, the others synced.
-            for account, error in (exc.by_account or {"": exc}).items():
-                where = f" of account {account}" if account else ""
-                log.error("tick: the API refused the credentials%s: %s", where, error)
+            _log_refusals(exc)  # recorded already; the other accounts' commits are in
             self._wake_webhooks.set()
             return None
         except DatabaseError as exc:
