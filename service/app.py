@@ -44,8 +44,8 @@ PARTITION_CONCURRENCY = 8
 
 GC_THRESHOLDS = (20_000, 50, 50)
 """A sync allocates a few container objects per image, almost all freed by reference
-counting: the cyclic collector runs less often (measured: bench/README.md, "Garbage
-collector")."""
+counting: the cyclic collector runs less often (measured: bench/README.md, "Constants
+and their numbers")."""
 
 
 def tune_garbage_collector() -> None:

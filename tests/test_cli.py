@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from service.simulator import simulator_in_thread
 
 IMAGE_SYNC = [sys.executable, "-m", "service"]
@@ -34,7 +36,9 @@ def test_demo_exits_zero_with_its_summary() -> None:
     assert "went_offline" in result.stdout and "removed" in result.stdout
 
 
-def test_migrate_sync_status(cli_env: dict[str, str]) -> None:
+async def test_migrate_sync_status(cli_env: dict[str, str], engine: AsyncEngine) -> None:
+    """(``engine`` empties the session's database first: a registry another test wrote,
+    e.g. of other regions, would decide what ``status`` shows.)"""
     with simulator_in_thread(images=300, seed=4) as sim:
         env = {**cli_env, "JDCLOUD_ENDPOINT": sim.url}
         migrated = run(["migrate"], env)

@@ -394,9 +394,9 @@ async def test_a_staging_copy_cut_by_the_database_fails_its_partition(
                             sa.text(
                                 "SELECT pg_terminate_backend(pid) FROM pg_locks"
                                 " WHERE locktype = 'advisory' AND classid = :space"
-                                # this database's: the server may run other test sessions
+                                # this test's database only: the server is shared
                                 " AND database = (SELECT oid FROM pg_database"
-                                " WHERE datname = current_database())"
+                                "                  WHERE datname = current_database())"
                             ),
                             {"space": PARTITION_LOCK_SPACE},
                         )
