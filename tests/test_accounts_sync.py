@@ -7,7 +7,9 @@ the simulator's state implies, image by image, and catalogue images are stored o
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
 from service.simulator import Catalogue, Simulator, running_simulator
 from service.simulator.catalogue import ListingQuery
 from service.sync import SyncReport, sync_once
+from service.web.data import page_data
+from service.web.page import render_page
 from tests.cli_helpers import run_cli
 
 REGIONS = ("cn-north-1", "cn-east-2")
@@ -421,3 +425,36 @@ async def test_a_catalogue_partition_is_listed_with_the_next_account_when_the_fi
     assert {s for (r, _), s in catalogue_rows.items() if r != NORTH} == {"failed"}
     assert {st for a, _, _, st in rows if a in ("alpha", "gamma")} == {"failed"}
     assert {st for a, _, _, st in rows if a == "beta"} == {"succeeded"}
+
+
+async def test_the_status_page_shows_every_accounts_partition(
+    engine: AsyncEngine, database_url: str, tmp_path: Path
+) -> None:
+    """Three accounts sync cn-north-1/private; one is refused. Its grid cell holds the
+    three partitions (it showed whichever row came last): the worst state, "1 of 3
+    accounts failing", each account in the tip; the error list names the account; the
+    cards count every partition identity."""
+    catalogue = Catalogue(seed=65, images=60, regions=REGIONS)
+    async with running_simulator(catalogue) as sim:
+        _simulated_accounts(sim)
+        settings = _settings(tmp_path, sim, database_url)
+        sim.state.accounts.refuse("b")
+        report, refused = await _sync(settings, engine)
+        async with open_runtime(settings) as rt:
+            identities = len(rt.partitions())
+    assert report is None and refused is not None  # the run is recorded, then raises
+    async with engine.connect() as conn:
+        data = await page_data(conn)
+    html = render_page(data, settings=settings, ready=True, reason="", error=None,
+                       tick_interval=60)  # fmt: skip
+    cell = re.search(r'<div class="cell (\w+)" title="([^"]*cn-north-1/private \(alpha\)[^"]*)"'
+                     r">[^<]*<small>([^<]*)</small>", html)  # fmt: skip
+    assert cell, html
+    css, tip, sub = cell.groups()
+    assert css == "bad" and sub == "1 of 3 accounts failing"  # beta never succeeded
+    for account in ("alpha", "beta", "gamma"):
+        assert f"cn-north-1/private ({account})" in unescape(tip)
+    assert "<b>cn-north-1/private (beta)</b> failed" in html
+    fresh = re.search(r"<b>(\d+)/(\d+)</b><span>partitions fresh", html)
+    assert fresh and int(fresh.group(2)) == identities
+    assert int(fresh.group(1)) == identities - 2  # beta's private and shared partitions

@@ -149,28 +149,63 @@ def partition_class(row: Any, interval: float) -> str:
     return "ok"
 
 
+SEVERITY = {"ok": 0, "never": 1, "warn": 2, "bad": 3}
+"""Order of the cell classes: a cell of several accounts' partitions shows the worst."""
+
+
+def _by_cell(data: PageData) -> dict[tuple[str, str], list[Any]]:
+    """sync_health rows by grid cell (region, source): one row per partition identity, so
+    a private or shared cell holds one row per account that syncs it."""
+    cells: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in data.health:
+        cells[(row.region_id, row.image_source)].append(row)
+    return cells
+
+
+def _label(row: Any) -> str:
+    """region/source, and the account of an account partition."""
+    account = f" ({row.account})" if row.account else ""
+    return f"{row.region_id}/{row.image_source}{account}"
+
+
+def _cell(region: str, source: str, found: list[Any], interval: float) -> str:
+    """One grid cell: the partition's state, or the worst of its accounts' partitions."""
+    if not found:
+        return (
+            f'<td><div class="cell never" title="{escape(f"{region}/{source}: not synced")}">'
+            "never<small>not synced</small></div></td>"
+        )
+    worst = max(found, key=lambda r: SEVERITY[partition_class(r, interval)])
+    css = partition_class(worst, interval)
+    text = age_text(worst.age_seconds) if worst.last_success_at else "never"
+    if len(found) == 1:
+        sub = worst.last_status or "not synced"
+    else:
+        failing = sum(r.last_status not in ("succeeded", None) for r in found)
+        sub = f"{failing} of {len(found)} accounts failing" if failing else f"{len(found)} accounts"
+    tip = "; ".join(
+        f"{_label(r)}: last {r.last_status or 'not synced'}, "
+        f"last success {_time(r.last_success_at)}"
+        for r in found
+    )
+    return (
+        f'<td><div class="cell {css}" title="{escape(tip)}">{escape(text)}'
+        f"<small>{escape(sub)}</small></div></td>"
+    )
+
+
 def _health(data: PageData, settings: Settings) -> str:
-    rows = {(r.region_id, r.image_source): r for r in data.health}
+    cells = _by_cell(data)
     head = "".join(_source_head(s) for s in settings.sources)
     body = []
     for region in settings.regions:
-        cells = []
-        for source in settings.sources:
-            row = rows.get((region, source))
-            css = partition_class(row, settings.interval_for(source))
-            if row is None:
-                text, sub = "never", "not synced"
-            else:
-                text = age_text(row.age_seconds) if row.last_success_at else "never"
-                sub = row.last_status or "not synced"
-            tip = f"{region}/{source}: last {sub}, last success {_time(row.last_success_at if row else None)}"
-            cells.append(
-                f'<td><div class="cell {css}" title="{escape(tip)}">{escape(text)}'
-                f"<small>{escape(sub)}</small></div></td>"
-            )
-        body.append(f"<tr><th>{escape(region)}</th>{''.join(cells)}</tr>")
+        row_cells = "".join(
+            _cell(region, source, cells.get((region, source), []), settings.interval_for(source))
+            for source in settings.sources
+        )
+        body.append(f"<tr><th>{escape(region)}</th>{row_cells}</tr>")
     errors = [
-        f"<li><b>{escape(r.region_id)}/{escape(r.image_source)}</b> {escape(r.last_status or '')}: "
+        f"<li><b>{escape(_label(r))}</b> {escape(r.last_status or '')}: "
         f"{escape(r.last_error_status or '')} {escape(r.last_error_message or '')}</li>"
         for r in data.health
         if r.last_status != "succeeded" and (r.last_error_status or r.last_error_message)
@@ -193,11 +228,16 @@ def _health(data: PageData, settings: Settings) -> str:
 
 
 def _cards(data: PageData, settings: Settings) -> str:
-    rows = {(r.region_id, r.image_source): r for r in data.health}
-    configured = [(r, s) for r in settings.regions for s in settings.sources]
-    fresh = sum(
-        partition_class(rows.get(p), settings.interval_for(p[1])) == "ok" for p in configured
-    )
+    # Every partition identity: one per grid cell not synced yet, else each row of the cell
+    # (a private or shared cell has one per account).
+    cells = _by_cell(data)
+    classes = [
+        partition_class(row, settings.interval_for(source))
+        for region in settings.regions
+        for source in settings.sources
+        for row in cells.get((region, source)) or [None]
+    ]
+    fresh, configured = classes.count("ok"), classes
     images = sum(r.images for r in data.summary)
     offline = sum(r.offline for r in data.summary)
     ages = [r.age_seconds for r in data.health if r.age_seconds is not None]
