@@ -3,7 +3,7 @@ row kept, the one account's image_access rows created, its partitions and events
 that release, run against the migrated schema, stops with one line; and the migration
 runs while that release is syncing.
 
-"The one-account release" is the code of the merge base with main, exported with
+"The one-account release" is the code just before migration 0006 was added, exported with
 ``git archive`` and run from the same virtualenv (its entry point unchanged), so these
 tests exercise the real previous sync, not a re-creation of what it wrote."""
 
@@ -35,12 +35,33 @@ ACCOUNT_SOURCES = ("private", "shared")
 
 @pytest.fixture(scope="module")
 def old_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The previous release's code (merge base with main) in a directory of its own."""
-    base = subprocess.run(
-        ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True
+    """The previous release's code (the parent of the commit that added migration 0006:
+    the newest state of the history whose schema ends at 0005) in a directory of its own."""
+    added = subprocess.run(
+        [
+            "git",
+            "log",
+            "--diff-filter=A",
+            "--format=%H",
+            "--",
+            "migrations/versions/0006_accounts.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    if base.returncode != 0:
-        pytest.fail(f"no merge base with main to take the previous release from: {base.stderr}")
+    commits = added.stdout.split()
+    if added.returncode != 0 or not commits:
+        pytest.fail(
+            f"cannot find the commit that added migration 0006 (git history needed): {added.stderr}"
+        )
+    base = subprocess.run(
+        ["git", "rev-parse", f"{commits[-1]}^"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     archive = subprocess.run(
         ["git", "archive", base.stdout.strip(), "service", "migrations"],
         cwd=ROOT,
