@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -29,7 +30,16 @@ from typing import Any
 
 import psycopg
 
-from bench.run import ROOT, _clean_env, fresh_database, log, migrate, postgres_server, simulator
+from bench.run import (
+    ROOT,
+    BackendCpu,
+    _clean_env,
+    fresh_database,
+    log,
+    migrate,
+    postgres_server,
+    simulator,
+)
 from bench.scenario import Scenario
 from bench.soak.fleet import unexpected_errors
 from service.config import ACCOUNT_SOURCES, CATALOGUE_SOURCES
@@ -192,15 +202,22 @@ def measure_tick(
     assume_before = admin(endpoint, "stats")["counters"].get("sts:assumeRole", 0)
     processes = [daemon(env, logs / f"daemon-{daemons}-{n}.log") for n in range(daemons)]
     try:
-        with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        with (
+            psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn,
+            BackendCpu(conn.info.dbname) as backends,
+        ):
             wait_for_tick(conn, scenario, processes)
     finally:  # stopped before counting, so that anything they did after is counted too
         for _, process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        reaped_before = _children_cpu()
         codes = [process.wait(timeout=60) for _, process in processes]
+        daemon_cpu = _children_cpu() - reaped_before  # only the daemons were reaped
     with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
         tick = tick_facts(conn)
+    tick["daemon_cpu_seconds"] = daemon_cpu
+    tick["postgres_cpu_seconds"] = backends.seconds
     tick["assume_role_calls"] = (
         admin(endpoint, "stats")["counters"].get("sts:assumeRole", 0) - assume_before
     )
@@ -214,6 +231,11 @@ def measure_tick(
         f"partitions, {tick['assume_role_calls']} assumeRole calls"
     )
     return tick
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def daemon(env: dict[str, str], log_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:
@@ -271,8 +293,12 @@ def tick_facts(conn: psycopg.Connection) -> dict[str, Any]:
         ).fetchall()
     )
     runs = conn.execute("SELECT count(*), count(DISTINCT pid) FROM inventory.sync_runs").fetchone()
+    requests = conn.execute(
+        "SELECT sum(api_requests), avg(extract(epoch FROM finished_at - started_at))::float"
+        "  FROM inventory.sync_partitions WHERE status = 'succeeded'"
+    ).fetchone()
     access = conn.execute("SELECT count(*) FROM inventory.image_access").fetchone()
-    assert runs is not None and access is not None
+    assert runs is not None and access is not None and requests is not None
     return {
         "seconds": seconds,
         "partitions_succeeded": sum(1 for ok, _ in per_identity if ok),
@@ -282,6 +308,8 @@ def tick_facts(conn: psycopg.Connection) -> dict[str, Any]:
         "skipped_locked_rows": conn.execute(
             "SELECT count(*) FROM inventory.sync_partitions WHERE status = 'skipped_locked'"
         ).fetchone()[0],  # type: ignore[index]
+        "api_requests": int(requests[0] or 0),
+        "mean_partition_seconds": requests[1] or 0.0,
         "runs": runs[0],
         "processes_that_ran": runs[1],
         "images_by_source": by_source,
@@ -337,7 +365,8 @@ def print_accounts(result: dict[str, Any]) -> None:
     )
     header = (
         f"{'daemons':>7} {'tick s':>8} {'succeeded':>10} {'twice':>6} {'skipped':>8} "
-        f"{'catalogue rows':>15} {'images':>8} {'image_access':>13} {'assumeRole':>11}"
+        f"{'catalogue rows':>15} {'images':>8} {'image_access':>13} {'assumeRole':>11} "
+        f"{'requests':>9} {'partition s':>12} {'CPU s (daemons/PG)':>19}"
     )
     print(header)
     print("-" * len(header))
@@ -346,7 +375,9 @@ def print_accounts(result: dict[str, Any]) -> None:
             f"{tick['daemons']:>7} {tick['seconds']:>8.2f} {tick['partitions_succeeded']:>10} "
             f"{tick['succeeded_twice']:>6} {tick['skipped_locked_rows']:>8} "
             f"{tick['catalogue_images']:>15} {tick['images']:>8} {tick['image_access']:>13} "
-            f"{tick['assume_role_calls']:>11}"
+            f"{tick['assume_role_calls']:>11} {tick['api_requests']:>9} "
+            f"{tick['mean_partition_seconds']:>12.2f} "
+            f"{tick['daemon_cpu_seconds']:>10.1f}/{tick['postgres_cpu_seconds']:.1f}"
         )
     ticks = list(result["ticks"].values())
     if len(ticks) > 1:
