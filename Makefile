@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv jdc demo test test-db lint format bench bench-small soak lock clean
+.PHONY: venv jdc demo test test-db lint format bench bench-small bench-accounts soak lock clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -50,6 +50,11 @@ bench: $(STAMP)
 
 bench-small: $(STAMP)
 	$(BIN)/python -m bench --small
+
+## make bench-accounts: one daemon tick over BENCH_ACCOUNTS=100 accounts, 3 daemons vs 1.
+BENCH_ACCOUNTS ?= 100
+bench-accounts: $(STAMP)
+	$(BIN)/python -m bench --accounts $(BENCH_ACCOUNTS)
 
 ## make soak: replicas, churn, faults, kills and a database restart; SOAK_MINUTES=20 by default.
 SOAK_MINUTES ?= 20

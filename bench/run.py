@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the SDK baseline")
     parser.add_argument(
+        "--accounts",
+        type=int,
+        metavar="N",
+        help="instead: the accounts scenario, one daemon tick over N accounts x 4 regions "
+        "with 3 daemons and with 1 (bench/accounts.py)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=None,
         help="floor and full sync runs, median reported (default 3; 1 with --small)",
     )
     args = parser.parse_args(argv)
+    if args.accounts is not None:
+        return accounts_main(args.accounts, args.database_url, args.results_dir)
     scenario = SMALL if args.small else FULL
     repeat = args.repeat or (1 if args.small else 3)
     result = run(
@@ -77,6 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     write_results(result, args.results_dir)
     return 0 if result["completed"] else 1
+
+
+def accounts_main(accounts: int, server_url: str | None, results_dir: Path) -> int:
+    from bench.accounts import print_accounts, run_accounts, scenario_for, tick_problems
+
+    if accounts < 1:
+        raise SystemExit("python -m bench: --accounts must be at least 1")
+    result = run_accounts(scenario_for(accounts), server_url=server_url)
+    print_accounts(result)
+    write_results(result, results_dir)
+    problems = [p for t in result["ticks"].values() for p in tick_problems(t, result["expected"])]
+    for problem in problems:
+        print(f"MISS {problem}")
+    return 1 if problems else 0
 
 
 # --- orchestration -------------------------------------------------------------------------
@@ -306,8 +329,9 @@ def change_catalogue(conn: psycopg.Connection, endpoint: str, scenario: Scenario
 
 
 @contextmanager
-def simulator(scenario: Scenario) -> Iterator[str]:
-    """The simulator as a separate process; yields its endpoint URL."""
+def simulator(scenario: Scenario, extra: Sequence[str] = ()) -> Iterator[str]:
+    """The simulator as a separate process (``extra``: more of its options); yields its
+    endpoint URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -318,6 +342,7 @@ def simulator(scenario: Scenario) -> Iterator[str]:
         "--images", str(scenario.images),
         "--latency-ms", str(scenario.latency_ms),
         "--skew", f"{BIG_PARTITION}={scenario.skew}",
+        *extra,
     ]  # fmt: skip
     process = subprocess.Popen(
         command, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT

@@ -53,3 +53,28 @@ def test_fast_normalisation_builds_the_rows_the_careful_path_builds() -> None:
     assert checked == 3000
     odd = {"imageId": "img-odd", "progress": 7.0, "sizeMB": "12", "offline": "true"}
     assert _normalize_plain(odd, "cn-north-1", "public") is None  # coercions: careful path
+
+
+@pytest.mark.db
+def test_accounts_tick_syncs_each_partition_once_and_stores_images_once(
+    pg_server_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """5 accounts x 2 regions (3 roles, 2 key pairs), 3 daemons then 1: not timed."""
+    from bench.accounts import CI, print_accounts, run_accounts, tick_problems
+
+    result = run_accounts(CI, server_url=pg_server_url)
+
+    expected = result["expected"]
+    assert expected["partitions"] == 2 * 3 + 5 * 2 * 2
+    assert expected["roles"] == 3 and expected["private_images"] == 5 * 2 * 3
+    assert set(result["ticks"]) == {"3", "1"}
+    for tick in result["ticks"].values():
+        assert tick_problems(tick, expected) == []
+        assert tick["partitions_succeeded"] == expected["partitions"]
+        assert tick["succeeded_twice"] == 0
+        assert tick["catalogue_images"] == expected["catalogue_images"] > 0
+        assert tick["images"] == expected["catalogue_images"] + expected["private_images"]
+    assert result["ticks"]["3"]["processes_that_ran"] >= 1
+    assert result["ticks"]["1"]["assume_role_calls"] == expected["roles"]  # not per partition
+    print_accounts(result)
+    assert "assumeRole" in capsys.readouterr().out

@@ -33,7 +33,7 @@ from service.jdcloud.client import ImagesClient
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Credentials
 from service.jdcloud.sts import RoleCredentials, RoleSpec, StsClient
 from service.simulator import Catalogue, Simulator, running_simulator, simulator_in_thread
-from tests.sim_admin import admin_ok
+from tests.sim_admin import admin, admin_ok
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:datetime.datetime.utcfromtimestamp:DeprecationWarning"
@@ -179,3 +179,51 @@ async def test_a_refused_key_pair_is_401_for_that_account_only() -> None:
             "demo": False, "team-b": True, "team-c": False,
         }  # fmt: skip
         assert B["secret_key"] not in json.dumps(listed)
+
+
+def test_organisation_adds_accounts_roles_private_images_and_shares_in_one_call(
+    sim: Simulator,
+) -> None:
+    specs = [
+        {
+            "name": f"org-{i}",
+            "pin": f"pin-org-{i}",
+            "access_key": f"AKORG{i}",
+            "secret_key": f"SK{i}",
+        }
+        for i in range(3)
+    ]
+    specs[1]["role"] = "image-reader"
+    answer = admin_ok(
+        sim,
+        "POST",
+        "organisation",
+        {"accounts": specs, "images_per_region": 4, "share_every": 2},
+    )
+    assert answer["accounts"] == 3 and answer["private_images"] == 12 and answer["shares"] == 6
+    assert answer["roles"] == {"org-1": "jrn:iam::pin-org-1:role/image-reader"}
+    listed = {a["name"] for a in admin_ok(sim, "GET", "accounts")["accounts"]}
+    assert {"demo", "org-0", "org-1", "org-2"} <= listed
+    changes = admin_ok(sim, "GET", "changes")["changes"]
+    assert sum(c["op"] == "add" and c["source"] == "private" for c in changes) == 12
+    as_0, as_2 = (_vm(sim, f"AKORG{i}", f"SK{i}") for i in (0, 2))
+    private_0 = _list(as_0, "private").result["images"]
+    assert len(private_0) == 4 and {i["ownerPin"] for i in private_0} == {"pin-org-0"}
+    # org-0 shares every 2nd image with org-1; org-2 with org-0 (the last with the first).
+    shared_0 = _list(as_0, "shared").result["images"]
+    assert len(shared_0) == 2 and {i["ownerPin"] for i in shared_0} == {"pin-org-2"}
+    assert _ids(shared_0) <= _ids(_list(as_2, "private").result["images"])
+    # The role trusts the demo (base) account only.
+    sts = SdkStsClient(
+        Credential(DEMO_ACCESS_KEY, DEMO_SECRET_KEY),
+        Config(sim.endpoint, scheme="http", timeout=10),
+        Logger(0),
+    )
+    info = AssumeRoleInfo(answer["roles"]["org-1"], "org", durationSeconds=3600)
+    assumed = sts.send(AssumeRoleRequest(AssumeRoleParameters(info)))
+    assert assumed.error is None, assumed.error
+    # A duplicate account is one clear 400.
+    status, error = admin(
+        sim, "POST", "organisation", {"accounts": specs[:1], "images_per_region": 1}
+    )
+    assert status == 400 and "exists" in error["error"]

@@ -40,7 +40,8 @@ add, delete, modify), ``POST shares/{op}`` (op: share, unshare; body
 "image_id", "constraint": {"constraintsType", "instanceTypes"} | null}``),
 ``GET|DELETE requests`` (the bounded request log), ``GET stats``, ``GET changes?since=N`` (the change log: every catalogue mutation
 made through ``catalogue/{op}`` or by drift, numbered from 1, oldest first) and
-``GET catalogue`` (every image of every partition, as served); ``GET /__simulator__/`` lists them (generated from the router).
+``GET catalogue`` (every image of every partition, as served), ``POST organisation`` (many
+accounts, roles, private images and shares at once); ``GET /__simulator__/`` lists them (generated from the router).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from service.simulator.catalogue import (
     ListingQuery,
 )
 from service.simulator.faults import STATUS_CODES, Fault, FaultConfig, Faults
+from service.simulator.organisation import add_organisation
 
 __all__ = [
     "ADMIN_PREFIX",
@@ -196,6 +198,7 @@ def build_app(
     app.router.add_post(f"{ADMIN_PREFIX}/accounts", add_account)
     app.router.add_post(f"{ADMIN_PREFIX}/accounts/{{name}}/refuse", refuse_account)
     app.router.add_post(f"{ADMIN_PREFIX}/roles", add_role)
+    app.router.add_post(f"{ADMIN_PREFIX}/organisation", organisation)
     app.router.add_put(f"{ADMIN_PREFIX}/sts", put_sts)
     app.router.add_post(f"{ADMIN_PREFIX}/sts/expire", expire_sessions)
     # The index lists whatever admin routes are registered above (added last, before the
@@ -902,6 +905,22 @@ async def add_role(request: web.Request) -> web.Response:
     accounts = request.app[STATE].accounts
     return _admin_change(
         lambda: {"jrn": accounts.add_role(body["account"], body["name"], trusts=body["trusts"]).jrn}
+    )
+
+
+async def organisation(request: web.Request) -> web.Response:
+    """Bulk: {"accounts": [{name, pin, access_key, secret_key, role?}], "images_per_region", "share_every"}."""
+    body = await _json_body(request)
+    state = request.app[STATE]
+    return _admin_change(
+        lambda: add_organisation(
+            state.catalogue,
+            state.accounts,
+            body["accounts"],
+            images_per_region=int(body["images_per_region"]),
+            share_every=int(body.get("share_every", 0)),
+            on_add=lambda region, image: state.record_change("add", region, image),
+        )
     )
 
 
