@@ -171,23 +171,24 @@ def _label(row: Any) -> str:
 def _cell(region: str, source: str, found: list[Any], interval: float) -> str:
     """One grid cell: the partition's state, or the worst of its accounts' partitions."""
     if not found:
-        return (
-            f'<td><div class="cell never" title="{escape(f"{region}/{source}: not synced")}">'
-            "never<small>not synced</small></div></td>"
-        )
-    worst = max(found, key=lambda r: SEVERITY[partition_class(r, interval)])
-    css = partition_class(worst, interval)
-    text = age_text(worst.age_seconds) if worst.last_success_at else "never"
-    if len(found) == 1:
-        sub = worst.last_status or "not synced"
+        css, text, sub = "never", "never", "not synced"
+        tip = f"{region}/{source}: last {sub}, last success {_time(None)}"
     else:
+        worst = max(found, key=lambda r: SEVERITY[partition_class(r, interval)])
+        css = partition_class(worst, interval)
+        text = age_text(worst.age_seconds) if worst.last_success_at else "never"
         failing = sum(r.last_status not in ("succeeded", None) for r in found)
-        sub = f"{failing} of {len(found)} accounts failing" if failing else f"{len(found)} accounts"
-    tip = "; ".join(
-        f"{_label(r)}: last {r.last_status or 'not synced'}, "
-        f"last success {_time(r.last_success_at)}"
-        for r in found
-    )
+        if len(found) == 1:
+            sub = worst.last_status or "not synced"
+        elif failing:
+            sub = f"{failing} of {len(found)} accounts failing"
+        else:
+            sub = f"{len(found)} accounts"
+        tip = "; ".join(
+            f"{_label(r)}: last {r.last_status or 'not synced'}, "
+            f"last success {_time(r.last_success_at)}"
+            for r in found
+        )
     return (
         f'<td><div class="cell {css}" title="{escape(tip)}">{escape(text)}'
         f"<small>{escape(sub)}</small></div></td>"
@@ -237,13 +238,13 @@ def _cards(data: PageData, settings: Settings) -> str:
         for source in settings.sources
         for row in cells.get((region, source)) or [None]
     ]
-    fresh, configured = classes.count("ok"), classes
+    fresh = classes.count("ok")
     images = sum(r.images for r in data.summary)
     offline = sum(r.offline for r in data.summary)
     ages = [r.age_seconds for r in data.health if r.age_seconds is not None]
     last_run = data.runs[0] if data.runs else None
     cards = [
-        (f"{fresh}/{len(configured)}", "partitions fresh"),
+        (f"{fresh}/{len(classes)}", "partitions fresh"),
         (f"{images:,}", "images listed"),
         (f"{offline:,}", "of them offline"),
         (age_text(min(ages)) if ages else "never", "since the newest success"),
