@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv jdc demo test test-db lint format bench bench-small bench-accounts soak lock clean
+.PHONY: venv jdc demo test test-db lint format bench bench-small bench-accounts bench-scale soak lock clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -55,6 +55,11 @@ bench-small: $(STAMP)
 BENCH_ACCOUNTS ?= 100
 bench-accounts: $(STAMP)
 	$(BIN)/python -m bench --accounts $(BENCH_ACCOUNTS)
+
+## make bench-scale: 10k, 100k and 1M images without latency, and the point-in-time reads
+## on a synthesised 1M-image / 3M-event history (about 15 minutes on 2 cores).
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench --scale --history
 
 ## make soak: replicas, churn, faults, kills and a database restart; SOAK_MINUTES=20 by default.
 SOAK_MINUTES ?= 20

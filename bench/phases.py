@@ -7,6 +7,12 @@ process's peak RSS (``ru_maxrss``).
 * ``floor``: every listing of every partition fetched with the service's own client
   (same page size, same concurrency, page 1 then the rest concurrently) and decoded;
   the items are counted and dropped. Nothing is normalised or written.
+* ``load_floor``: the same pages fetched with the same client, normalised with the
+  service's own :func:`service.normalize.normalize_image`, and binary-COPYed straight
+  into the empty copies of ``images``, ``image_disks`` and ``image_events`` in schema
+  ``load_floor`` (same keys and indexes: :func:`bench.run.create_load_floor`), with a
+  ``created`` event per image carrying its history document. No staging, change
+  detection, merge or extra API calls: the least a first sync must do.
 * ``sync``: one :func:`service.sync.sync_once` over every partition, as the CLI runs it.
 * ``baseline``: :mod:`bench.baseline`, the SDK script.
 """
@@ -18,6 +24,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +46,21 @@ def settings_for(config: dict[str, Any]) -> Settings:
     )
 
 
-async def floor(config: dict[str, Any]) -> dict[str, Any]:
+async def fetch_all(
+    settings: Settings, sink: Callable[[Any], Callable[[list[Any]], Awaitable[None]]]
+) -> dict[str, Any]:
+    """Every listing of every partition through the service's client, each page handed
+    to ``sink(listing)``; the wall time of the fetching (and sinking) alone."""
     from service.app import credentials_of
     from service.jdcloud.client import ImagesClient, RequestStats, open_session
-    from service.jdcloud.listing import list_pages, partitions_of
+    from service.jdcloud.listing import RUN_PAGES_AHEAD, list_pages, partitions_of
 
-    settings = settings_for(config)
+    window = asyncio.Semaphore(RUN_PAGES_AHEAD)  # as sync_once bounds a run's pages ahead
     listings = [
         listing
         for partition in partitions_of(settings.regions, settings.sources)
         for listing in partition.listings()
     ]
-    items = 0
-
-    async def drop(images: list[Any]) -> None:
-        nonlocal items
-        items += len(images)
-
     async with open_session(
         connect_timeout=settings.connect_timeout,
         request_timeout=settings.request_timeout,
@@ -71,12 +77,146 @@ async def floor(config: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         await asyncio.gather(
             *(
-                list_pages(client, listing, page_size=settings.page_size, stats=stats, on_page=drop)
+                list_pages(
+                    client, listing, page_size=settings.page_size, stats=stats,
+                    on_page=sink(listing), window=window,
+                )
                 for listing in listings
             )
-        )
+        )  # fmt: skip
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "pages": stats.pages, "requests": stats.requests, "items": items}
+    return {"seconds": seconds, "pages": stats.pages, "requests": stats.requests}
+
+
+async def floor(config: dict[str, Any]) -> dict[str, Any]:
+    items = 0
+
+    async def drop(images: list[Any]) -> None:
+        nonlocal items
+        items += len(images)
+
+    result = await fetch_all(settings_for(config), lambda listing: drop)
+    return {**result, "items": items}
+
+
+async def load_floor(config: dict[str, Any]) -> dict[str, Any]:
+    import asyncpg
+    import orjson
+
+    from service.jdcloud.listing import partitions_of
+    from service.normalize import (
+        DISK_COLUMNS,
+        EXTRA_COLUMNS,
+        IMAGE_COLUMNS,
+        KNOWN_FIELDS,
+        ImageRow,
+        image_record,
+        normalize_image,
+    )
+
+    settings = settings_for(config)
+    doc_fields = [c for c in IMAGE_COLUMNS if c not in ("region_id", "image_id", "content_hash")]
+    image_columns = (*IMAGE_COLUMNS, "raw", "first_seen_at", "last_changed_at")
+    event_columns = (
+        "occurred_at", "sync_run_id", "region_id", "image_id", "image_source", "event_type",
+        "changed_fields", "after", "baseline",
+    )  # fmt: skip
+    items = 0
+    now = datetime.now(UTC)
+    # As the sync: one connection and one transaction per partition, its listings'
+    # pages written one at a time (a commit per page would measure fsyncs instead).
+    partitions: dict[tuple[str, str], tuple[Any, Any, asyncio.Lock]] = {}
+
+    async def open_partition(key: tuple[str, str]) -> None:
+        conn = await asyncpg.connect(config["database_url"])
+        transaction = conn.transaction()
+        await transaction.start()
+        partitions[key] = (conn, transaction, asyncio.Lock())
+
+    async def partition_conn(listing: Any) -> tuple[Any, asyncio.Lock]:
+        conn, _, lock = partitions[(listing.region, listing.source)]
+        return conn, lock
+
+    def document(row: ImageRow) -> str:
+        record = dict(zip(IMAGE_COLUMNS, image_record(row), strict=False))
+        doc: dict[str, Any] = {name: record[name] for name in doc_fields}
+        doc.update(dict.fromkeys(EXTRA_COLUMNS))
+        doc["disks"] = [dict(zip(DISK_COLUMNS, _disk(d), strict=True)) for d in row.disks]
+        raw = orjson.loads(row.raw_json)
+        doc["extra"] = {k: v for k, v in raw.items() if k not in KNOWN_FIELDS}
+        return orjson.dumps(doc).decode()
+
+    async def write(listing: Any, images: list[Any]) -> None:
+        nonlocal items
+        rows = [
+            normalize_image(item, region_id=listing.region, image_source=listing.source)
+            for item in images
+        ]
+        items += len(rows)
+        conn, lock = await partition_conn(listing)
+        async with lock:
+            await conn.copy_records_to_table(
+                "images",
+                schema_name="load_floor",
+                columns=image_columns,
+                records=[(*image_record(r), now, now) for r in rows],
+            )
+            await conn.copy_records_to_table(
+                "image_disks",
+                schema_name="load_floor",
+                columns=("region_id", "image_id", *DISK_COLUMNS),
+                records=[(r.region_id, r.image_id, *_disk(d)) for r in rows for d in r.disks],
+            )
+            await conn.copy_records_to_table(
+                "image_events",
+                schema_name="load_floor",
+                columns=event_columns,
+                records=[
+                    (
+                        now,
+                        run_id,
+                        r.region_id,
+                        r.image_id,
+                        r.image_source,
+                        "created",
+                        [],
+                        document(r),
+                        True,
+                    )
+                    for r in rows
+                ],
+            )
+
+    first = await asyncpg.connect(config["database_url"])
+    try:
+        run_id = await first.fetchval(
+            "INSERT INTO inventory.sync_runs (started_at, status, trigger, host, pid)"
+            " VALUES (now(), 'running', 'bench', 'load-floor', pg_backend_pid())"
+            " RETURNING run_id"
+        )
+    finally:
+        await first.close()
+    try:
+        # Connected before the clock starts (the sync's pool connects as it goes, at most
+        # eight at once; twenty connects one after the other took seconds here).
+        await asyncio.gather(
+            *(
+                open_partition((p.region, p.source))
+                for p in partitions_of(settings.regions, settings.sources)
+            )
+        )
+        started = time.perf_counter()
+        result = await fetch_all(settings, lambda listing: lambda images: write(listing, images))
+        for _, transaction, _ in partitions.values():
+            await transaction.commit()
+    finally:
+        for conn, _, _ in partitions.values():
+            await conn.close()
+    return {**result, "seconds": time.perf_counter() - started, "items": items}
+
+
+def _disk(d: Any) -> tuple[Any, ...]:
+    return tuple(getattr(d, c) for c in d.__slots__)
 
 
 async def sync(config: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +278,8 @@ def main(argv: list[str]) -> int:
     config = json.loads(raw)
     if phase == "floor":
         result = asyncio.run(floor(config))
+    elif phase == "load_floor":
+        result = asyncio.run(load_floor(config))
     elif phase == "sync":
         result = asyncio.run(sync(config))
         profile_text = result.pop("profile_text")

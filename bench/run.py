@@ -66,6 +66,27 @@ def main(argv: list[str] | None = None) -> int:
         "with 3 daemons and with 1 (bench/accounts.py)",
     )
     parser.add_argument(
+        "--images",
+        type=int,
+        action="append",
+        metavar="N",
+        help="scale mode (bench/scale.py): N images without latency, load floor, full sync "
+        "and no-change resync; repeat for several sizes",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="scale mode at 10,000, 100,000 and 1,000,000 images (make bench-scale)",
+    )
+    parser.add_argument(
+        "--no-load-floor", action="store_true", help="scale mode: skip the load floor phase"
+    )
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="scale mode: synthesise a history on the largest size and time images_as_of",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=None,
@@ -74,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.accounts is not None:
         return accounts_main(args.accounts, args.database_url, args.results_dir)
+    if args.images or args.scale:
+        return _main_scale(args)
     scenario = SMALL if args.small else FULL
     repeat = args.repeat or (1 if args.small else 3)
     result = run(
@@ -102,6 +125,26 @@ def accounts_main(accounts: int, server_url: str | None, results_dir: Path) -> i
     return 1 if problems else 0
 
 
+def _main_scale(args: argparse.Namespace) -> int:
+    from bench.scale import SCALE_SIZES, print_scale, run_scale
+
+    sizes = tuple(sorted(set(args.images or ()) | (set(SCALE_SIZES) if args.scale else set())))
+    if any(n < 100 for n in sizes):
+        raise SystemExit("python -m bench: --images must be at least 100")
+    result = run_scale(
+        sizes,
+        server_url=args.database_url,
+        history=args.history,
+        load_floor=not args.no_load_floor,
+    )
+    print_scale(result)
+    result["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result["scenario"] = {"name": "scale"}
+    write_results(result, args.results_dir)
+    return 0
+
+
 # --- orchestration -------------------------------------------------------------------------
 
 
@@ -118,6 +161,7 @@ def run(
     log(f"scenario {scenario.name}: {scenario.images} images, {scenario.latency_ms} ms latency")
     floors: list[dict[str, Any]] = []
     fulls: list[dict[str, Any]] = []
+    loads: list[dict[str, Any]] = []
     phases: dict[str, Any] = {}
     with postgres_server(server_url) as server, simulator(scenario) as endpoint:
         for attempt in range(1, repeat + 1):
@@ -132,11 +176,16 @@ def run(
                     migrate(database_url)
                     log(f"floor: fetch and decode every page ({attempt}/{repeat})")
                     floors.append(run_phase("floor", config))
+                    log(
+                        f"load floor: fetch, normalise, COPY into empty tables ({attempt}/{repeat})"
+                    )
+                    loads.append(measured_load_floor(conn, config))
                     log(f"full initial sync on a fresh schema ({attempt}/{repeat})")
                     fulls.append(measured_sync(conn, config, profile if attempt == 1 else None))
                     if attempt < repeat:
                         continue
                     phases["floor"] = _median(floors)
+                    phases["load_floor"] = _median(loads)
                     phases["full_sync"] = _median(fulls)
                     log("no-change resync")
                     phases["no_change_resync"] = measured_sync(conn, config)
@@ -175,6 +224,43 @@ def measured_sync(
     # cumulative counters stop moving to be sure we read them after the flush.
     after = settled_table_writes(conn)
     result["rows_written"] = {t: after[t] - before[t] for t in TABLES}
+    return result
+
+
+LOAD_FLOOR_TABLES = ("images", "image_disks", "image_events")
+
+
+def create_load_floor(conn: psycopg.Connection) -> None:
+    """Empty copies of the three tables in schema ``load_floor``: the same columns,
+    defaults, keys, checks and indexes (``LIKE ... INCLUDING ALL``) and the same foreign
+    keys (disks and events to their image, events to their run)."""
+    conn.execute("DROP SCHEMA IF EXISTS load_floor CASCADE")
+    conn.execute("CREATE SCHEMA load_floor")
+    for table in LOAD_FLOOR_TABLES:
+        conn.execute(f"CREATE TABLE load_floor.{table} (LIKE inventory.{table} INCLUDING ALL)")
+    conn.execute(
+        "ALTER TABLE load_floor.image_disks ADD FOREIGN KEY (region_id, image_id)"
+        " REFERENCES load_floor.images ON DELETE CASCADE"
+    )
+    conn.execute(
+        "ALTER TABLE load_floor.image_events ADD FOREIGN KEY (sync_run_id)"
+        " REFERENCES inventory.sync_runs (run_id)"
+    )
+
+
+def measured_load_floor(conn: psycopg.Connection, config: dict[str, Any]) -> dict[str, Any]:
+    """The load floor phase on fresh empty copies; the copies are dropped afterwards (so
+    the sync that follows finds the database as a fresh one)."""
+    create_load_floor(conn)
+    with BackendCpu(conn.info.dbname) as backends:
+        result = run_phase("load_floor", config)
+    result["postgres_cpu_seconds"] = backends.seconds
+    result["rows_written"] = {
+        t: conn.execute(f"SELECT count(*) FROM load_floor.{t}").fetchone()[0]  # type: ignore[index]
+        for t in LOAD_FLOOR_TABLES
+    }
+    conn.execute("DROP SCHEMA load_floor CASCADE")
+    conn.execute("DELETE FROM inventory.sync_runs WHERE trigger = 'bench'")
     return result
 
 
@@ -422,9 +508,11 @@ def _clean_env() -> dict[str, str]:
 
 def summarise(scenario: Scenario, phases: dict[str, Any], server_version: str) -> dict[str, Any]:
     floor = phases["floor"]["seconds"]
+    load_floor = phases["load_floor"]["seconds"]
     baseline = phases.get("baseline", {}).get("seconds")
     for result in phases.values():
         result["x_floor"] = result["seconds"] / floor
+        result["x_load_floor"] = result["seconds"] / load_floor
         result["baseline_speedup"] = baseline / result["seconds"] if baseline else None
     full = phases["full_sync"]
     syncs = [phases[k] for k in ("full_sync", "no_change_resync", "changed_resync")]
@@ -436,6 +524,11 @@ def summarise(scenario: Scenario, phases: dict[str, Any], server_version: str) -
             "value": full["x_floor"],
             "target": f"<= {TARGET_FLOOR_RATIO}",
             "met": full["x_floor"] <= TARGET_FLOOR_RATIO,
+        },
+        "full_sync_x_load_floor": {
+            "value": full["x_load_floor"],
+            "target": f"<= {TARGET_FLOOR_RATIO}",
+            "met": full["x_load_floor"] <= TARGET_FLOOR_RATIO,
         },
         "baseline_speedup": {
             "value": full["baseline_speedup"],
@@ -477,7 +570,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['machine']['cpus']} CPUs, PostgreSQL {result['machine']['postgresql']}"
     )
     header = (
-        f"{'phase':<18} {'wall s':>8} {'x floor':>8} {'x faster than baseline':>23} "
+        f"{'phase':<18} {'wall s':>8} {'x floor':>8} {'x load floor':>13} {'x faster than baseline':>23} "
         f"{'rows written (images/disks/events)':>35} {'peak RSS MB':>12} {'CPU s (process/PG)':>19}"
     )
     print(header)
@@ -490,10 +583,11 @@ def print_table(result: dict[str, Any]) -> None:
         if "postgres_cpu_seconds" in p:
             cpu += f"/{p['postgres_cpu_seconds']:.1f}"
         print(
-            f"{name:<18} {p['seconds']:>8.2f} {p['x_floor']:>8.2f} {speedup:>23} "
+            f"{name:<18} {p['seconds']:>8.2f} {p['x_floor']:>8.2f} {p['x_load_floor']:>13.2f} "
+            f"{speedup:>23} "
             f"{written:>35} {p['peak_rss_mb']:>12.0f} {cpu:>19}"
         )
-    for name in ("floor", "full_sync"):
+    for name in ("floor", "load_floor", "full_sync"):
         samples = result["phases"][name].get("samples_seconds")
         if samples and len(samples) > 1:
             shown = ", ".join(f"{x:.2f}" for x in samples)

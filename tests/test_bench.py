@@ -19,7 +19,11 @@ def test_small_benchmark_runs_end_to_end(
 
     assert result["completed"]
     phases = result["phases"]
-    assert set(phases) == {"floor", "full_sync", "no_change_resync", "changed_resync", "baseline"}
+    assert set(phases) == {
+        "floor", "load_floor", "full_sync", "no_change_resync", "changed_resync", "baseline",
+    }  # fmt: skip
+    assert phases["load_floor"]["items"] == SMALL.images
+    assert phases["load_floor"]["rows_written"] == phases["full_sync"]["rows_written"]
     assert phases["floor"]["items"] == SMALL.images
     assert phases["full_sync"]["totals"]["created"] == SMALL.images
     assert phases["full_sync"]["rows_written"]["images"] == SMALL.images
@@ -35,6 +39,32 @@ def test_small_benchmark_runs_end_to_end(
     path = write_results(result, tmp_path)
     assert json.loads(path.read_text())["targets"]["no_change_rows_written"]["met"]
     assert (tmp_path / "latest-small.json").exists()
+
+
+@pytest.mark.db
+def test_scale_benchmark_runs_in_a_tiny_mode(
+    pg_server_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make bench-scale``'s code at 300 images (not timed)."""
+    from bench.scale import print_scale, run_scale
+
+    result = run_scale((300,), server_url=pg_server_url, history=True)
+
+    size = result["sizes"]["300"]
+    assert size["full_sync"]["totals"]["created"] == 300
+    assert size["load_floor"]["rows_written"] == size["full_sync"]["rows_written"]
+    assert size["no_change_resync"]["rows_written"] == {t: 0 for t in TABLES}
+    assert size["bytes_per_image"]["images"] > 0
+    assert size["full_sync"]["cpu_us_per_image"] > 0
+    history = size["history"]
+    assert history["images"] == 300
+    # Three rounds, each updating the two thirds of the images not picked out for it.
+    assert history["events"] == 300 + 2 * 300
+    assert history["versions"] == history["events"]
+    assert "Index" in history["queries"]["image@latest"]["plan"]
+    assert history["queries"]["whole_read_out@latest"]["rows"] == 300
+    print_scale(result)
+    assert "no_change_resync" in capsys.readouterr().out
 
 
 def test_fast_normalisation_builds_the_rows_the_careful_path_builds() -> None:

@@ -1,0 +1,190 @@
+"""A synthesised history on a synced benchmark database, and the point-in-time reads on it.
+
+:func:`synthesise` runs ``rounds`` resyncs through the service's own merge
+(:class:`service.store.apply.PartitionWriter`), without the API: for each partition
+it stages two thirds of the listed images (a different two thirds each round) with a
+changed description, so each round records an ``updated`` event and a new version for
+each of them. After the initial sync (one ``created`` event per image) three rounds
+give three events per image on average (1,000,000 images: 3,000,000 events).
+
+:func:`measure_history` then times ``images_as_of(ts)`` as readers write it: whole,
+filtered to one partition (the big one and a small one) and to one image, at the
+latest moment and at a moment between the first and second round, with
+``EXPLAIN (ANALYZE)``; the whole form is also read out completely (``COPY ... TO
+STDOUT``, rows decoded and dropped by the client). Each query runs twice and the
+faster run is reported (the first warms the cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+
+from bench.run import log
+from bench.scenario import BIG_PARTITION
+from service.normalize import EXTRA_COLUMNS, IMAGE_COLUMNS
+
+TARGETS_MS = {"whole": 3000.0, "partition": 300.0, "image": 20.0}
+
+_CHANGED = {
+    "description": "coalesce(i.description, '') || ' (round ' || CAST(:round AS text) || ')'",
+    "content_hash": "sha256(i.content_hash || convert_to(CAST(:round AS text), 'UTF8'))",
+}
+_STAGE = f"""
+INSERT INTO stage_images ({", ".join(IMAGE_COLUMNS)}, {", ".join(EXTRA_COLUMNS)}, raw, listing)
+SELECT {", ".join(_CHANGED.get(c, "i." + c) for c in IMAGE_COLUMNS)},
+       {", ".join("i." + c for c in EXTRA_COLUMNS)},
+       jsonb_set(i.raw, '{{desc}}',
+                 to_jsonb(coalesce(i.description, '') || ' (round ' || CAST(:round AS text) || ')')),
+       0
+  FROM inventory.images i
+ WHERE i.region_id = :region AND i.image_source = :source AND i.removed_at IS NULL
+   AND abs(hashtext(i.image_id)) % 3 <> CAST(:round AS integer) % 3
+"""
+_STAGE_DISKS = """
+INSERT INTO stage_disks
+SELECT d.image_id, d.position, d.role, d.device_name, d.disk_category, d.auto_delete,
+       d.cloud_disk_type, d.cloud_disk_size_gb, d.cloud_iops, d.cloud_snapshot_id,
+       d.cloud_encrypted, d.local_disk_type, d.local_disk_size_gb, 0
+  FROM stage_images s JOIN inventory.image_disks d
+    ON d.region_id = :region AND d.image_id = s.image_id
+"""
+
+
+async def synthesise(database_url: str, rounds: int = 3) -> list[str]:
+    """``rounds`` merges of two thirds of every partition; returns the moment (text)
+    after each round."""
+    import sqlalchemy as sa
+
+    from service.store.apply import PartitionWriter
+    from service.store.engine import create_engine
+
+    engine = create_engine(database_url, pool_size=1)
+    moments: list[str] = []
+    try:
+        async with engine.connect() as conn:
+            partitions = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT DISTINCT region_id, image_source FROM inventory.images ORDER BY 1, 2"
+                    )
+                )
+            ).all()
+        for round_ in range(1, rounds + 1):
+            started = time.perf_counter()
+            async with engine.begin() as conn:
+                run_id = await conn.scalar(
+                    sa.text(
+                        "INSERT INTO inventory.sync_runs (started_at, finished_at, status,"
+                        " trigger, host, pid) VALUES (now(), now(), 'succeeded', 'bench',"
+                        " 'bench-history', pg_backend_pid()) RETURNING run_id"
+                    )
+                )
+            updated = 0
+            for region, source in partitions:
+                params = {"region": region, "source": source, "round": str(round_)}
+                async with engine.begin() as conn:
+                    writer = PartitionWriter(conn, region=region, source=source)
+                    await writer.open()
+                    await conn.execute(sa.text(_STAGE), params)
+                    await conn.execute(sa.text(_STAGE_DISKS), params)
+                    merged = await writer.merge(run_id=run_id, remove_missing=False)
+                    updated += merged.updated
+            async with engine.connect() as conn:
+                moments.append(str(await conn.scalar(sa.text("SELECT clock_timestamp()::text"))))
+            log(
+                f"  history round {round_}: {updated} updated in "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+    finally:
+        await engine.dispose()
+    return moments
+
+
+def measure_history(conn: psycopg.Connection, database_url: str, rounds: int = 3) -> dict[str, Any]:
+    """Synthesise the history, then time the point-in-time forms on it."""
+    started = time.perf_counter()
+    moments = asyncio.run(synthesise(database_url, rounds))
+    return {"synthesis_seconds": time.perf_counter() - started, **time_reads(conn, moments)}
+
+
+def time_reads(conn: psycopg.Connection, moments: list[str]) -> dict[str, Any]:
+    """The point-in-time forms at the last of ``moments`` and at the first."""
+    result: dict[str, Any] = {}
+    conn.execute("VACUUM ANALYZE inventory.image_versions")
+    conn.execute("VACUUM ANALYZE inventory.image_events")
+    counts = conn.execute(
+        "SELECT (SELECT count(*) FROM inventory.images),"
+        " (SELECT count(*) FROM inventory.image_events),"
+        " (SELECT count(*) FROM inventory.image_versions)"
+    ).fetchone()
+    assert counts is not None
+    result["images"], result["events"], result["versions"] = counts
+    big_region, big_source = BIG_PARTITION.split("/")
+    image = conn.execute(
+        "SELECT region_id, image_id FROM inventory.images"
+        " WHERE region_id = %s AND image_source = %s ORDER BY image_id LIMIT 1",
+        [big_region, big_source],
+    ).fetchone()
+    assert image is not None
+    small = ("cn-east-2", "community")
+    forms = {
+        "whole": ("", []),
+        "partition": (" WHERE region_id = %s AND image_source = %s", [big_region, big_source]),
+        "small_partition": (" WHERE region_id = %s AND image_source = %s", list(small)),
+        "image": (" WHERE region_id = %s AND image_id = %s", list(image)),
+    }
+    result["moments"] = {"latest": moments[-1], "between_rounds_1_and_2": moments[0]}
+    result["queries"] = {}
+    for label, ts in result["moments"].items():
+        for form, (where, args) in forms.items():
+            sql = f"SELECT * FROM inventory.images_as_of(%s::timestamptz){where}"
+            runs = [_explain(conn, sql, [ts, *args]) for _ in range(2)]
+            best = min(runs, key=lambda r: r["ms"])
+            result["queries"][f"{form}@{label}"] = best
+        with conn.cursor() as cur:
+            seconds = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                rows = 0
+                with cur.copy(
+                    "COPY (SELECT * FROM inventory.images_as_of(%s::timestamptz)) TO STDOUT",
+                    [ts],
+                ) as copy:
+                    for _row in copy:
+                        rows += 1
+                seconds.append(time.perf_counter() - t0)
+            result["queries"][f"whole_read_out@{label}"] = {"ms": 1000 * min(seconds), "rows": rows}
+    # The fold of the events for one image, as images_as_of was before migration 0007.
+    sql = "SELECT * FROM inventory.images_as_of_events(%s::timestamptz) WHERE region_id = %s AND image_id = %s"
+    result["queries"]["events_fold_image@latest"] = _explain(conn, sql, [moments[-1], *image])
+    return result
+
+
+def _explain(conn: psycopg.Connection, sql: str, args: list[Any]) -> dict[str, Any]:
+    rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, SUMMARY ON) {sql}", args).fetchall()
+    plan = "\n".join(r[0] for r in rows)
+    ms = next(
+        float(line.split(":")[1].split()[0])
+        for line in reversed(plan.splitlines())
+        if line.strip().startswith("Execution Time")
+    )
+    actual = plan.splitlines()[0]
+    return {"ms": ms, "plan": plan, "top": actual}
+
+
+def print_history(images: int, history: dict[str, Any]) -> None:
+    print(
+        f"\npoint-in-time reads on {history['images']} images, {history['events']} events, "
+        f"{history['versions']} versions (history synthesised in "
+        f"{history.get('synthesis_seconds', 0):.0f}s)"
+    )
+    for name, q in history["queries"].items():
+        form = name.split("@")[0]
+        target = TARGETS_MS.get(form)
+        verdict = "" if target is None else ("ok  " if q["ms"] <= target else "MISS")
+        shown = f"(target {target:.0f} ms)" if target else ""
+        print(f"{verdict:<4} {name:<45} {q['ms']:>10.1f} ms {shown}")
