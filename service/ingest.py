@@ -92,10 +92,9 @@ class _Staged:
     # logged once, however many passes re-read its listing.
     invalid_seen: set[tuple[int, str]] = field(default_factory=set)
     outcomes: dict[int, ListingOutcome] = field(default_factory=dict)
-    seen: dict[int, set[str]] = field(default_factory=dict)  # listing -> ids of its last pass
-    # image_id -> stored content hash of the partition's listed images: an item whose
-    # hash is unchanged is only recorded as seen, not normalised or staged in full.
-    known: dict[str, bytes] = field(default_factory=dict)
+    # A resync: an item listed with its stored content hash (asked of the database page
+    # by page) is only recorded as seen, not normalised or staged in full.
+    resync: bool = False
     # listing -> ids (of its last pass) that other image APIs are asked about.
     extras_ids: dict[int, list[str]] = field(default_factory=dict)
 
@@ -112,8 +111,10 @@ class PartitionIntake:
         page_size: int,
         stats: RequestStats,
         progress: Progress,
+        window: asyncio.Semaphore | None = None,
     ) -> None:
         self.client = client
+        self.window = window  # the run's pages ahead (listing.RUN_PAGES_AHEAD)
         self.partition = partition
         self.page_size = page_size
         self.stats = stats
@@ -129,7 +130,7 @@ class PartitionIntake:
         """List, validate and stage every listing of the partition through ``writer``
         (opened, in the partition's transaction). API errors propagate."""
         staged, partition = self.staged, self.partition
-        staged.known = await writer.listed_hashes()
+        staged.resync = await writer.has_listed()
         settled = all(
             await gather_or_cancel(
                 *(self._list_until_settled(writer, listing) for listing in partition.listings())
@@ -143,7 +144,7 @@ class PartitionIntake:
             # what is stored (the next sync sees it gone), no spurious change.
             await writer.stage_extras([*extras, *await writer.stored_extras(vanished)])
         if settled and staged.invalid_without_id == 0:
-            staged.keep_ids |= await self._still_there()
+            staged.keep_ids |= await self._still_there(writer)
         return Intake(
             settled=settled,
             total_count=sum(o.total_count for o in staged.outcomes.values()),
@@ -169,10 +170,10 @@ class PartitionIntake:
                 on_progress=lambda done, total: self.progress.pages(
                     self.partition, listing, done, total
                 ),
+                window=self.window,
             )
             staged.outcomes[listing.index] = outcome
             staged.extras_ids[listing.index] = this_pass.extras_ids
-            staged.seen[listing.index] = this_pass.ids
             if outcome.settled(this_pass.unique):
                 return True
             log.info(
@@ -186,7 +187,7 @@ class PartitionIntake:
             )
         return False
 
-    async def _still_there(self) -> set[str]:
+    async def _still_there(self, writer: PartitionWriter) -> set[str]:
         """Of the images a complete partition would remove (listed before, on no page
         now), those the API still returns by id: they are kept, not removed.
 
@@ -196,8 +197,8 @@ class PartitionIntake:
         reads keep totalCount and the count while the image sliding across the boundary
         is read on no page. An id lookup does not page, so it cannot miss it."""
         staged, partition = self.staged, self.partition
-        seen = set().union(*staged.seen.values())
-        missing = sorted(set(staged.known) - seen - staged.keep_ids)
+        missing = [i for i in await writer.unstaged_listed() if i not in staged.keep_ids]
+        wanted = set(missing)
         if not missing:
             return set()
         found = await self.client.lookup_ids(partition.region, missing, stats=self.stats)
@@ -206,7 +207,7 @@ class PartitionIntake:
             for item in found
             if isinstance(item, dict)
             and item.get("imageSource") == partition.source
-            and item.get("imageId") in staged.known
+            and item.get("imageId") in wanted
         }
         if kept:
             log.info(
@@ -238,16 +239,24 @@ class _ListingPass:
         return len(self.ids) + self.idless
 
     async def on_page(self, items: list[Any]) -> None:
-        known, source = self.staged.known, self.listing.source
+        source = self.listing.source
         rows: list[ImageRow] = []
         unchanged: list[str] = []
+        known: set[str] = set()
+        if self.staged.resync:
+            ids: list[str] = []
+            hashes: list[bytes] = []
+            for item in items:
+                image_id = item.get("imageId") if isinstance(item, dict) else None
+                digest = content_hash(item, source) if isinstance(image_id, str) else None
+                if digest is not None:
+                    ids.append(image_id)  # type: ignore[arg-type]
+                    hashes.append(digest)
+            async with self.lock:  # the partition's one connection
+                known = await self.writer.unchanged_of(ids, hashes)
         for item in items:
             image_id = item.get("imageId") if known and isinstance(item, dict) else None
-            if (
-                isinstance(image_id, str)
-                and image_id in known
-                and known[image_id] == content_hash(item, source)
-            ):
+            if isinstance(image_id, str) and image_id in known:
                 if image_id not in self.ids:
                     self.ids.add(image_id)
                     unchanged.append(image_id)

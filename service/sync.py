@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from service.errors import ApiError, AuthError, DatabaseError, ImageSyncError
 from service.ingest import PartitionIntake, Progress
 from service.jdcloud.client import ImagesClient, RequestStats
-from service.jdcloud.listing import Partition
+from service.jdcloud.listing import RUN_PAGES_AHEAD, Partition
 from service.metrics import Metrics
 from service.store.apply import PartitionWriter
 from service.store.engine import Connection, Engine, connect, transaction
@@ -92,6 +92,10 @@ class _Run:
     stop: asyncio.Event | None
     refused: dict[str, AuthError] = field(default_factory=dict)
     """Accounts whose credentials the API refused in this run: no further request."""
+    pages_window: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(RUN_PAGES_AHEAD)
+    )
+    """Pages ahead of their sinks, every listing of the run together."""
 
     def listers_of(self, partition: Partition) -> tuple[str, ...]:
         """The accounts that may list ``partition``, in the order they are tried."""
@@ -359,7 +363,7 @@ async def _sync_partition(run: _Run, partition: Partition, lister: str) -> Parti
         stats = RequestStats()
         intake = PartitionIntake(
             run.clients[lister], partition, page_size=run.page_size, stats=stats,
-            progress=run.progress,
+            progress=run.progress, window=run.pages_window,
         )  # fmt: skip
         try:
             return await _attempt_partition(run, partition, intake, started)

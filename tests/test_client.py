@@ -364,3 +364,45 @@ async def test_an_error_is_classified_alike_in_a_200_and_as_an_http_status(
             assert (caught.value.http_status, caught.value.status) == (code, status)
             assert (stats.requests, stats.retries) == (1, 0)
     assert stats.throttled == throttled
+
+
+# --- pages ahead -----------------------------------------------------------------------------
+
+
+async def test_listings_share_the_runs_window_of_pages_and_give_it_back(sim: Simulator) -> None:
+    """Two listings at once hold the shared window's permits for their unconsumed pages
+    (never more than it has); one ended by its sink's error gives its permits back."""
+    from service.jdcloud.listing import Listing, list_pages
+
+    window = asyncio.Semaphore(3)
+    in_use: list[int] = []
+    calls = 0
+
+    async def sink(images: list[Any]) -> None:
+        in_use.append(3 - window._value)
+        await asyncio.sleep(0.01)
+
+    async def failing(images: list[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls >= 2:  # the first page is written; the later pages hold permits
+            raise RuntimeError("the sink failed")
+
+    async with images_client(sim.url) as client:
+        stats = RequestStats()
+        outcome, failure = await asyncio.gather(
+            list_pages(
+                client, Listing("cn-north-1", "private", None, 0), page_size=10,
+                stats=stats, on_page=sink, window=window,
+            ),
+            list_pages(
+                client, Listing("cn-east-1", "private", None, 0), page_size=10,
+                stats=stats, on_page=failing, window=window,
+            ),
+            return_exceptions=True,
+        )  # fmt: skip
+    assert isinstance(failure, RuntimeError), failure
+    assert not isinstance(outcome, BaseException) and outcome.pages > 10
+    assert max(in_use) > 0  # the listing took its pages' permits from the shared window
+    assert window._value == 3

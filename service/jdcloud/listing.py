@@ -85,11 +85,21 @@ class ListingOutcome:
         return self.totals_seen == {self.total_count} and unique == self.total_count
 
 
-MAX_PAGES_AHEAD = 256
+MAX_PAGES_AHEAD = 32
 """Pages of one listing requested or received but not yet consumed by its sink: memory
-is bounded by this window, not by the listing; a page beyond it is queued for a request
-slot only when an earlier page is consumed (sizes and measurements: bench/README.md,
-"Constants and their numbers")."""
+is bounded by this window (and the run's, below), not by the listing; a page beyond it
+is queued for a request slot only when an earlier page is consumed (sizes and
+measurements: bench/README.md, "Constants and their numbers")."""
+
+RUN_PAGES_AHEAD = 128
+"""Pages requested or received but not yet consumed, all listings of one sync run
+together (``window`` of :func:`list_pages`, ~40 MB of decoded pages): with the
+per-listing window alone (then 256), the listings of eight partitions at once each held
+up to 256 pages when the database was slower than the API, so memory grew with the
+catalogue (100,000 images: 241 MB in a no-change resync). A listing's own window is a
+quarter of this one, so the big partition's pages waiting for their sink cannot take
+every permit: with 64 a run and 256 a listing, the 3,100-image shared partitions of
+make bench waited 16 s for permits in a no-change resync (3 s with 128 and 32)."""
 
 FIRST_PAGE_PRIORITY = -math.inf
 """Every listing's first page goes before other pages: it tells how big the listing is."""
@@ -116,13 +126,19 @@ async def list_pages(
     stats: RequestStats,
     on_page: PageSink,
     on_progress: Callable[[int, int], None] | None = None,
+    window: asyncio.Semaphore | None = None,
 ) -> ListingOutcome:
     """Fetch every page of ``listing`` once and hand each page to ``on_page``.
+
+    ``window`` bounds the pages requested or received but not yet consumed, shared
+    with other listings (:data:`RUN_PAGES_AHEAD`); each listing also keeps to
+    :data:`MAX_PAGES_AHEAD` of its own. Permits still held when the listing ends (an
+    error, a cancellation) are given back.
 
     API errors propagate (after the client's retries); pages still in flight are
     cancelled.
     """
-    pager = _Pager(client, listing, page_size, stats, on_page, on_progress)
+    pager = _Pager(client, listing, page_size, stats, on_page, on_progress, window)
     first = await pager.first()
     if pager.pages > 1:
         await pager.the_rest()
@@ -141,8 +157,11 @@ class _Pager:
         stats: RequestStats,
         on_page: PageSink,
         on_progress: Callable[[int, int], None] | None,
+        window: asyncio.Semaphore | None = None,
     ) -> None:
         self.client = client
+        self.window = window
+        self.shared = 0  # permits of ``window`` this listing holds
         self.listing = listing
         self.page_size = page_size
         self.stats = stats
@@ -194,13 +213,16 @@ class _Pager:
 
     async def the_rest(self) -> None:
         """Pages 2..n, every one queued for the client at once (its limits pace them,
-        bigger listings first), at most MAX_PAGES_AHEAD of them not yet consumed; a
-        page is dropped as soon as ``on_page`` returns. So memory is bounded by the
-        window, not the listing."""
+        bigger listings first), at most MAX_PAGES_AHEAD of them (and of the run's
+        ``window``) not yet consumed; a page is dropped as soon as ``on_page`` returns.
+        So memory is bounded by the windows, not the listing."""
         ahead = asyncio.Semaphore(MAX_PAGES_AHEAD)
 
         async def fetch_ahead(number: int) -> Page:
-            await ahead.acquire()  # released when the page has been consumed
+            await ahead.acquire()  # both released when the page has been consumed
+            if self.window is not None:
+                await self.window.acquire()
+                self.shared += 1
             return await self.fetch(number)
 
         arrived: asyncio.Queue[asyncio.Task[Page]] = asyncio.Queue()
@@ -235,9 +257,20 @@ class _Pager:
             if writing is not None:
                 writing.cancel()
             await asyncio.gather(*pending, *([writing] if writing else []), return_exceptions=True)
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """The run window's permits this listing still holds (an error, a cancel)."""
+        if self.window is not None:
+            for _ in range(self.shared):
+                self.window.release()
+        self.shared = 0
 
     async def _finish(self, sink: asyncio.Task[None], ahead: asyncio.Semaphore) -> None:
         await sink
         ahead.release()
+        if self.window is not None:
+            self.shared -= 1
+            self.window.release()
         self.consumed += 1
         self.on_progress(self.consumed, self.pages)
