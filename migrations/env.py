@@ -15,7 +15,7 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from service.store.tables import SCHEMA, metadata
+from service.store.tables import SCHEMA, VERSION_PARTITIONS, metadata
 
 config = context.config
 target_metadata = metadata
@@ -25,7 +25,8 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
     """Only the inventory schema is ours; leave everything else in the database alone."""
     if type_ == "schema":
         return name == SCHEMA
-    return True
+    # The partitions of image_versions: their parent is the table the metadata describes.
+    return not (type_ == "table" and name in VERSION_PARTITIONS)
 
 
 def do_run_migrations(connection: Connection) -> None:

@@ -10,9 +10,10 @@ few example keys; an empty list means everything holds. The invariants:
    its position-0 ``system`` disk row, and as many data disk rows as ``dataDisks``;
 2. ``removed_at``: ``removed_at`` is set exactly for the images whose last event is
    ``removed`` (and every image has at least one event);
-3. ``replay``: the current state equals the events replayed: ``images_as_of()``
-   lists the same images as ``current_images`` with the same field values, disks and
-   unknown API fields;
+3. ``replay``: the current state equals the events replayed:
+   ``images_as_of_events()`` (the fold of the events) lists the same images as
+   ``current_images`` with the same field values, disks and unknown API fields;
+   ``versions``: so does ``images_as_of()`` (the current rows of ``image_versions``);
 4. ``event_order``: each image's history is a valid sequence (it starts with
    ``created``; no second ``created`` without a ``removed`` in between; ``reappeared``
    only after ``removed``; nothing else after ``removed``);
@@ -60,6 +61,32 @@ class _Check:
     sql: str  # yields (key text, detail text) rows, one per offender
 
 
+def _replay(function: str) -> str:
+    """Images listed now whose stored state differs from ``function('infinity')``."""
+    return f"""
+    WITH cur AS (
+        SELECT i.*, {_DISK_DOC} AS disks, i.raw - {_KNOWN} AS extra
+          FROM inventory.images i WHERE i.removed_at IS NULL
+    ), replay AS (
+        -- 'infinity', not now(): every event visible in this snapshot, even one
+        -- whose transaction started after ours.
+        SELECT * FROM inventory.{function}('infinity')
+    )
+    SELECT coalesce(c.region_id, r.region_id) || '/' || coalesce(c.image_id, r.image_id),
+           CASE WHEN r.image_id IS NULL THEN 'listed now, not in the replayed history'
+                WHEN c.image_id IS NULL THEN 'listed by the replayed history, not now'
+                ELSE 'differs in ' || array_to_string(ARRAY[
+                    {
+        ", ".join(f"CASE WHEN c.{f} IS DISTINCT FROM r.{f} THEN '{f}' END" for f in TRACKED_FIELDS)
+    }], ', ') END
+      FROM cur c
+      FULL JOIN replay r ON r.region_id = c.region_id AND r.image_id = c.image_id
+     WHERE c.image_id IS NULL OR r.image_id IS NULL
+        OR ({" OR ".join(f"c.{f} IS DISTINCT FROM r.{f}" for f in TRACKED_FIELDS)})
+     ORDER BY 1
+    """
+
+
 _CHECKS: tuple[_Check, ...] = (
     _Check(
         "system_disk",
@@ -104,31 +131,13 @@ _CHECKS: tuple[_Check, ...] = (
     ),
     _Check(
         "replay",
-        "the current state differs from the events replayed (images_as_of(now()))",
-        f"""
-        WITH cur AS (
-            SELECT i.*, {_DISK_DOC} AS disks, i.raw - {_KNOWN} AS extra
-              FROM inventory.images i WHERE i.removed_at IS NULL
-        ), replay AS (
-            -- 'infinity', not now(): every event visible in this snapshot, even one
-            -- whose transaction started after ours.
-            SELECT * FROM inventory.images_as_of('infinity')
-        )
-        SELECT coalesce(c.region_id, r.region_id) || '/' || coalesce(c.image_id, r.image_id),
-               CASE WHEN r.image_id IS NULL THEN 'listed now, not in the replayed history'
-                    WHEN c.image_id IS NULL THEN 'listed by the replayed history, not now'
-                    ELSE 'differs in ' || array_to_string(ARRAY[
-                        {
-            ", ".join(
-                f"CASE WHEN c.{f} IS DISTINCT FROM r.{f} THEN '{f}' END" for f in TRACKED_FIELDS
-            )
-        }], ', ') END
-          FROM cur c
-          FULL JOIN replay r ON r.region_id = c.region_id AND r.image_id = c.image_id
-         WHERE c.image_id IS NULL OR r.image_id IS NULL
-            OR ({" OR ".join(f"c.{f} IS DISTINCT FROM r.{f}" for f in TRACKED_FIELDS)})
-         ORDER BY 1
-        """,
+        "the current state differs from the events replayed (images_as_of_events('infinity'))",
+        _replay("images_as_of_events"),
+    ),
+    _Check(
+        "versions",
+        "the current state differs from the current versions (images_as_of('infinity'))",
+        _replay("images_as_of"),
     ),
     _Check(
         "event_order",

@@ -32,7 +32,7 @@ INVENTORY_TABLES = (
     "inventory.image_events, inventory.image_disks, inventory.images, "
     "inventory.sync_partitions, inventory.sync_runs, inventory.partitions, "
     "inventory.change_batches, inventory.webhook_cursors, inventory.image_access, "
-    "inventory.accounts"
+    "inventory.accounts, inventory.image_versions"
 )
 
 

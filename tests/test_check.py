@@ -50,6 +50,9 @@ async def _one(conn: Any, sql: str) -> Any:
     return (await conn.execute(sa.text(sql))).first()
 
 
+TAMPER = "SET LOCAL image_sync.writes_versions = 'on'"
+"""Lets a test write inventory.images directly (migration 0007's writer guard)."""
+
 CORRUPTIONS: dict[str, list[str]] = {
     # check name -> statements that break exactly that promise
     "system_disk": [
@@ -65,6 +68,12 @@ CORRUPTIONS: dict[str, list[str]] = {
     ],
     "replay": [
         """UPDATE inventory.images SET name = 'tampered', size_mb = 1 WHERE (region_id, image_id) = (
+             SELECT region_id, image_id FROM inventory.images
+              WHERE removed_at IS NULL ORDER BY image_id LIMIT 1)"""
+    ],
+    "versions": [
+        """UPDATE inventory.image_versions SET name = 'tampered'
+            WHERE valid_to = 'infinity' AND (region_id, image_id) = (
              SELECT region_id, image_id FROM inventory.images
               WHERE removed_at IS NULL ORDER BY image_id LIMIT 1)"""
     ],
@@ -99,6 +108,7 @@ async def test_each_corruption_is_caught(
     await _sync_history(engine, make_settings)
     await assert_invariants(engine)
     async with engine.begin() as conn:
+        await conn.execute(sa.text(TAMPER))
         for statement in CORRUPTIONS[check]:
             assert (await conn.execute(sa.text(statement))).rowcount == 1
     problems = await check_invariants(engine)
@@ -113,6 +123,7 @@ async def test_extra_disk_event_after_removed_and_image_without_events_are_caugh
 ) -> None:
     await _sync_history(engine, make_settings)
     async with engine.begin() as conn:
+        await conn.execute(sa.text(TAMPER))
         image = await _one(
             conn,
             "SELECT region_id, image_id FROM inventory.images WHERE removed_at IS NULL"
@@ -193,6 +204,7 @@ async def test_cli_check_exit_codes_and_report(
     assert ok.returncode == 0, ok.stderr
     assert "all invariants hold" in ok.stdout
     async with engine.begin() as conn:
+        await conn.execute(sa.text(TAMPER))
         for check in ("replay", "run_liveness"):
             for statement in CORRUPTIONS[check]:
                 await conn.execute(sa.text(statement))

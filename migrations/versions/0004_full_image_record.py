@@ -102,6 +102,9 @@ _FROM_OLD_EXTRA = {
     "charge_formula": "nullif(s.old -> 'extra' -> 'chargeInfo' -> 'formula', 'null'::jsonb)",
 }
 
+AS_OF_COLUMNS = [*_v2.AS_OF_COLUMNS, *((name, sql_type) for name, _, sql_type, _ in COLUMNS)]
+"""images_as_of's result columns from this migration on."""
+
 CURRENT_IMAGES = """
 SELECT region_id, image_id, image_source, name, platform, os_version, architecture,
        os_type, status, description, owner_pin, launch_permission, root_device_type,
@@ -199,6 +202,22 @@ def _images_as_of() -> None:
     # Events before this moment kept the API fields in extra; a later event names the
     # column itself whenever it changes (and created/reappeared carry every column).
     cutoff = op.get_bind().scalar(sa.text("SELECT now()::text"))
+    _create_as_of(AS_OF_COLUMNS, ",\n               ".join(as_of_fields()), _literal_time(cutoff))
+    op.execute(f"COMMENT ON FUNCTION inventory.images_as_of(timestamptz) IS {AS_OF_COMMENT}")
+    op.execute("GRANT EXECUTE ON FUNCTION inventory.beijing_time(text) TO inventory_reader")
+
+
+AS_OF_COMMENT = (
+    "'The catalogue as it stood at ts, rebuilt from image_events: one row per image "
+    "listed then, with its disks and unknown API fields (extra) as jsonb, and its "
+    "shares and instance-type constraints as last recorded.'"
+)
+
+
+def as_of_fields() -> list[str]:
+    """images_as_of's column expressions (after region_id, image_id) from ``s.doc``, the
+    image's merged event documents, and ``s.old``, the merged ``extra`` of its events
+    before this migration (0007 builds its versions with them too)."""
     fields = [
         _v2._as_of_select().replace(
             "s.doc -> 'extra'",
@@ -217,15 +236,7 @@ def _images_as_of() -> None:
             value = f"(s.doc ->> '{name}')::{sql_type}"
         old = _FROM_OLD_EXTRA.get(name)
         fields.append(f"CASE WHEN s.doc ? '{name}' THEN {value} ELSE {old} END" if old else value)
-    columns = [*_v2.AS_OF_COLUMNS, *((name, sql_type) for name, _, sql_type, _ in COLUMNS)]
-    _create_as_of(columns, ",\n               ".join(fields), _literal_time(cutoff))
-    op.execute(
-        "COMMENT ON FUNCTION inventory.images_as_of(timestamptz) IS "
-        "'The catalogue as it stood at ts, rebuilt from image_events: one row per image "
-        "listed then, with its disks and unknown API fields (extra) as jsonb, and its "
-        "shares and instance-type constraints as last recorded.'"
-    )
-    op.execute("GRANT EXECUTE ON FUNCTION inventory.beijing_time(text) TO inventory_reader")
+    return fields
 
 
 def _literal_time(value: str) -> str:

@@ -32,6 +32,7 @@ from service.normalize import (
     EXTRA_COLUMNS,
     IMAGE_COLUMNS,
     KNOWN_FIELDS,
+    TRACKED_FIELDS,
     ImageExtras,
     ImageRow,
     disk_record,
@@ -41,6 +42,10 @@ from service.store.engine import database_errors
 from service.store.feed import event_id_floor, record_batch
 from service.store.tables import image_disks, images
 from service.vocabulary import EVENT_TYPES
+
+WRITES_VERSIONS = "image_sync.writes_versions"
+"""Set (``SET LOCAL``) by a writer of inventory.images that keeps image_versions in step:
+migration 0007's statement trigger refuses any other writer (an older release)."""
 
 PARTITION_LOCK_SPACE = 0x1D5C
 """First key of the two-key advisory locks taken on partitions."""
@@ -66,6 +71,11 @@ def partition_lock_key(region: str, source: str, account: str = "") -> int:
     catalogue partition's is the one-account release's, so both exclude each other)."""
     value = zlib.crc32((f"{account}:" if account else "").encode() + f"{region}/{source}".encode())
     return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def account_merge_lock_key(region: str) -> int:
+    """Second key of the advisory lock ordering one region's account merges."""
+    return _signed32(region)
 
 
 def _signed32(text: str) -> int:
@@ -114,6 +124,8 @@ _CREATE_STAGING = [
 _CREATE_ADOPTED = "CREATE TEMP TABLE stage_adopted (image_id text PRIMARY KEY) ON COMMIT DROP"
 """Images an account's private listing takes over from shared access (account partitions
 fill it, :data:`_ADOPTED`; _DIFF reads it for every partition)."""
+_CREATE_TOUCHED = "CREATE TEMP TABLE stage_touched (image_id text PRIMARY KEY) ON COMMIT DROP"
+"""Images whose row the merge wrote: their versions follow (:data:`_CLOSE_VERSIONS`)."""
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
 _SET_COLS = ", ".join(
@@ -290,6 +302,39 @@ SELECT :region, s.image_id, {", ".join("s." + c for c in DISK_COLUMNS)}
   FROM stage_disks s JOIN stage_diff d USING (image_id)
 """
 
+# Versions (SCD2, read by images_as_of) follow the images rows: every image this merge
+# wrote (changed, removed, its source rewritten) is noted in stage_touched; at the end
+# its current version closes and, unless removed, one opens from its row as written.
+# The moment is the transaction's (the events' occurred_at), or just after the version
+# it closes when a merge of the same image that started later committed first.
+_TOUCH_CHANGED = "INSERT INTO stage_touched SELECT image_id FROM stage_diff ON CONFLICT DO NOTHING"
+_CLOSE_VERSIONS = """
+CREATE TEMP TABLE stage_moments ON COMMIT DROP AS
+WITH closed AS (
+    UPDATE inventory.image_versions v
+       SET valid_to = greatest(now(), v.valid_from + interval '1 microsecond')
+      FROM stage_touched t
+     WHERE v.region_id = :region AND v.image_id = t.image_id AND v.valid_to = 'infinity'
+    RETURNING v.image_id, v.valid_to
+)
+SELECT t.image_id, coalesce(c.valid_to, now()) AS moment
+  FROM stage_touched t LEFT JOIN closed c USING (image_id)
+"""
+_VERSION_VALUES = {
+    "disks": "coalesce((SELECT " + _DISK_DOC + " FROM inventory.image_disks d"
+    " WHERE d.region_id = i.region_id AND d.image_id = i.image_id), '[]'::jsonb)",
+    "extra": f"i.raw - {_EXTRA_KEYS}",
+}
+_OPEN_VERSIONS = f"""
+INSERT INTO inventory.image_versions (region_id, image_id, valid_from, valid_to,
+                                      {", ".join(TRACKED_FIELDS)})
+SELECT i.region_id, i.image_id, m.moment, 'infinity',
+       {", ".join(_VERSION_VALUES.get(f, "i." + f) for f in TRACKED_FIELDS)}
+  FROM stage_moments m
+  JOIN inventory.images i ON i.region_id = :region AND i.image_id = m.image_id
+ WHERE i.removed_at IS NULL
+"""
+
 # Only after a complete partition: listed before, in neither listing now.
 _GONE_FROM_CATALOGUE = """
     -- First the (usually few) missing ids, then their documents: built the other way
@@ -320,6 +365,8 @@ WITH gone_ids AS MATERIALIZED ({gone_ids}), gone AS (
       FROM gone g
      WHERE i.region_id = :region AND i.image_id = g.image_id
     RETURNING i.image_id
+), touched AS (
+    INSERT INTO stage_touched SELECT image_id FROM marked ON CONFLICT DO NOTHING
 )
 {_EVENT_INSERT}
 SELECT now(), :run_id, :region, g.image_id, :source, 'removed', '{{}}', g.doc, NULL, {_BASELINE}
@@ -366,11 +413,18 @@ _DROP_ACCESS_ONLY = (
     "DELETE FROM stage_disks s USING stage_access_only a WHERE s.image_id = a.image_id",
     "DELETE FROM stage_seen s USING stage_access_only a WHERE s.image_id = a.image_id",
 )
-_LISTED = """
-CREATE TEMP TABLE stage_listed ON COMMIT DROP AS
+# Keyed, and stage_diff indexed, before the statements below probe them:
+# the driver's generic plans guess a handful of access rows and probe staging once per
+# row, so without an index the anti-join of a 40,000-image partition against its
+# 40,000 listed ids ran for over two minutes (make bench, full sync 85 s -> 200 s).
+_LISTED = (
+    "CREATE TEMP TABLE stage_listed (image_id text PRIMARY KEY) ON COMMIT DROP",
+    """INSERT INTO stage_listed
 SELECT image_id FROM stage_images UNION SELECT image_id FROM stage_seen
- UNION SELECT image_id FROM stage_access_only
-"""
+ UNION SELECT image_id FROM stage_access_only""",
+    "CREATE INDEX ON stage_diff (image_id)",
+    "ANALYZE stage_listed",
+)
 _ACCESS_GRANTED = f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, l.image_id, :source, 'access_granted', '{{}}', NULL, NULL,
        {_BASELINE}
@@ -382,10 +436,16 @@ SELECT now(), :run_id, :region, l.image_id, :source, 'access_granted', '{{}}', N
                       AND x.image_id = l.image_id AND x.removed_at IS NULL)
    AND EXISTS ({_OTHER_ACCESS.format(image_id="l.image_id", extra="")})
  ORDER BY l.image_id"""
+# Only the rows that are new or differ: ON CONFLICT locks (writes) every conflicting row,
+# even one its WHERE leaves alone, so a resync offering every listed id rewrote them all.
 _UPSERT_ACCESS = """
 INSERT INTO inventory.image_access
        (account, region_id, image_id, image_source, first_seen_at, removed_at)
 SELECT :account, :region, l.image_id, :source, now(), NULL FROM stage_listed l
+ WHERE NOT EXISTS (SELECT 1 FROM inventory.image_access x
+                    WHERE x.account = :account AND x.region_id = :region
+                      AND x.image_id = l.image_id AND x.removed_at IS NULL
+                      AND x.image_source = :source)
 ON CONFLICT (account, region_id, image_id) DO UPDATE
    SET image_source = EXCLUDED.image_source, removed_at = NULL
  WHERE image_access.removed_at IS NOT NULL
@@ -416,6 +476,7 @@ _REMOVE_LAST_ACCESS = _remove("SELECT image_id FROM stage_gone WHERE NOT elsewhe
 # images.image_source of an image seen through accounts: private while a configured
 # account lists it as private, else shared. Rewritten only where it differs.
 _SOURCE_BY_ACCESS = """
+WITH moved AS (
 UPDATE inventory.images i SET image_source = t.source
   FROM (SELECT l.image_id,
                CASE WHEN EXISTS (SELECT 1 FROM inventory.image_access p
@@ -428,15 +489,41 @@ UPDATE inventory.images i SET image_source = t.source
           FROM (SELECT image_id FROM stage_listed UNION SELECT image_id FROM stage_gone) l) t
  WHERE i.region_id = :region AND i.image_id = t.image_id AND i.removed_at IS NULL
    AND i.image_source IN ('private', 'shared') AND i.image_source <> t.source
+RETURNING i.image_id
+)
+INSERT INTO stage_touched SELECT image_id FROM moved ON CONFLICT DO NOTHING
 """
 _NOTHING_GONE = "CREATE TEMP TABLE stage_gone (image_id text, elsewhere boolean) ON COMMIT DROP"
-_ACCOUNT_HASHES = """
-SELECT i.image_id, i.content_hash
+_ACCOUNT_LISTED = """
+SELECT x.image_id
   FROM inventory.image_access x
   JOIN inventory.images i ON i.region_id = x.region_id AND i.image_id = x.image_id
  WHERE x.account = :account AND x.region_id = :region AND x.image_source = :source
    AND x.removed_at IS NULL AND i.removed_at IS NULL
 """
+# Of one page's (id, hash) pairs, those stored with that hash: one primary-key lookup per
+# id, each a LATERAL with a LIMIT so the planner cannot flatten it. Flattened, the
+# driver's generic plans scanned the partition (as a join: 80 ms a page at 400,000
+# images) or hashed all the account's access rows of the region (as an EXISTS: 37 ms a
+# page at 40,000, 31 s of PostgreSQL CPU in a no-change resync of make bench).
+_UNCHANGED = """
+SELECT u.image_id
+  FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS bytea[])) AS u(image_id, h)
+ CROSS JOIN LATERAL (
+       SELECT i.image_source, i.content_hash FROM inventory.images i
+        WHERE i.region_id = :region AND i.image_id = u.image_id AND i.removed_at IS NULL
+        LIMIT 1) i {access}
+ WHERE i.content_hash = u.h {source}
+"""
+_CATALOGUE_UNCHANGED = _UNCHANGED.format(access="", source="AND i.image_source = :source")
+_ACCOUNT_UNCHANGED = _UNCHANGED.format(
+    access="""
+ CROSS JOIN LATERAL (
+       SELECT 1 FROM inventory.image_access x
+        WHERE x.account = :account AND x.region_id = :region AND x.image_id = u.image_id
+          AND x.image_source = :source AND x.removed_at IS NULL LIMIT 1) x""",
+    source="",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +593,9 @@ class PartitionWriter:
         )
 
     async def open(self) -> None:
-        for statement in (*_CREATE_STAGING, _CREATE_ADOPTED):
+        # This writer keeps image_versions in step (migration 0007's guard on images).
+        await self._conn.execute(sa.text(f"SET LOCAL {WRITES_VERSIONS} = 'on'"))
+        for statement in (*_CREATE_STAGING, _CREATE_ADOPTED, _CREATE_TOUCHED):
             await self._conn.execute(sa.text(statement))
         raw = await self._conn.get_raw_connection()
         self._driver = raw.driver_connection
@@ -531,20 +620,48 @@ class PartitionWriter:
         if disks:
             await self._copy("stage_disks", disks, _STAGE_DISK_COLUMNS)
 
-    async def listed_hashes(self) -> dict[str, bytes]:
-        """``image_id -> content_hash`` of the partition's listed images (for a resync to
-        recognise unchanged images before normalising them)."""
-        statement = (
-            _ACCOUNT_HASHES
-            if self.account
-            else "SELECT image_id, content_hash FROM inventory.images"
+    def _listed_ids(self) -> str:
+        """SQL selecting the ids of the partition's listed images: a catalogue
+        partition's by source, an account partition's through its access rows."""
+        if self.account:
+            return _ACCOUNT_LISTED
+        return (
+            "SELECT image_id FROM inventory.images"
             " WHERE region_id = :region AND image_source = :source AND removed_at IS NULL"
         )
+
+    def _params(self, **more: Any) -> dict[str, Any]:
+        return {"region": self.region, "source": self.source, "account": self.account, **more}
+
+    async def has_listed(self) -> bool:
+        """Whether the partition has listed images stored (a resync, not a first sync)."""
+        statement = f"SELECT EXISTS ({self._listed_ids()})"
+        return bool(await self._conn.scalar(sa.text(statement), self._params()))
+
+    async def unchanged_of(self, image_ids: Sequence[str], hashes: Sequence[bytes]) -> set[str]:
+        """Of these ``(image_id, content hash)`` pairs (one page), the ids the partition
+        lists with that very hash: a resync recognises them before normalising them.
+        Asked page by page, so the stored hashes are never all in memory at once."""
+        if not image_ids:
+            return set()
         result = await self._conn.execute(
-            sa.text(statement),
-            {"region": self.region, "source": self.source, "account": self.account},
+            sa.text(_ACCOUNT_UNCHANGED if self.account else _CATALOGUE_UNCHANGED),
+            self._params(ids=list(image_ids), hashes=list(hashes)),
         )
-        return {image_id: bytes(digest) for image_id, digest in result.all()}
+        return set(result.scalars().all())
+
+    async def unstaged_listed(self) -> list[str]:
+        """The partition's listed images that no listing staged (in full or as seen): what
+        a complete merge would remove (or, for an account, whose access would end)."""
+        # EXCEPT (hashed or sorted), not NOT EXISTS: staging has no index or statistics
+        # yet, and the anti-join became a nested loop over it.
+        statement = (
+            f"SELECT image_id FROM ({self._listed_ids()}"
+            " EXCEPT SELECT image_id FROM stage_images"
+            " EXCEPT SELECT image_id FROM stage_seen) gone ORDER BY image_id"
+        )
+        result = await self._conn.execute(sa.text(statement), self._params())
+        return list(result.scalars().all())
 
     async def stage_unchanged(self, image_ids: Sequence[str], listing: int) -> None:
         """Record images listed again with their stored content hash: seen, not rewritten."""
@@ -635,6 +752,7 @@ class PartitionWriter:
             removed = (
                 await conn.execute(sa.text(_REMOVE), {**params, "keep": list(keep_ids)})
             ).rowcount
+        await self._follow_versions(params)
         merged = MergeCounts(
             images_seen=seen,
             created=counts["created"],
@@ -674,7 +792,16 @@ class PartitionWriter:
             await conn.execute(sa.text(_UPSERT_IMAGES), params)
             await conn.execute(sa.text(_DELETE_DISKS), params)
             await conn.execute(sa.text(_INSERT_DISKS), params)
+            await conn.execute(sa.text(_TOUCH_CHANGED))
         return counts, changed
+
+    async def _follow_versions(self, params: dict[str, Any]) -> None:
+        """Close the current version of every image this merge wrote and open one from
+        its row as written (none for a removed image)."""
+        conn = self._conn
+        if await conn.scalar(sa.text("SELECT EXISTS (SELECT 1 FROM stage_touched)")):
+            await conn.execute(sa.text(_CLOSE_VERSIONS), params)
+            await conn.execute(sa.text(_OPEN_VERSIONS), params)
 
     async def _take_account_turn(self, params: dict[str, Any]) -> None:
         """Wait for the region's other account merges (they may hold the same images),
@@ -682,7 +809,7 @@ class PartitionWriter:
         conn = self._conn
         await conn.execute(
             sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
-            {"space": ACCOUNT_MERGE_LOCK_SPACE, "key": _signed32(self.region)},
+            {"space": ACCOUNT_MERGE_LOCK_SPACE, "key": account_merge_lock_key(self.region)},
         )
         await conn.execute(sa.text(_ACCESS_ONLY), params)
         for statement in _DROP_ACCESS_ONLY:
@@ -695,7 +822,8 @@ class PartitionWriter:
         """The account's access rows after its listing: (access_granted, access_revoked,
         removed) events written."""
         conn = self._conn
-        await conn.execute(sa.text(_LISTED))
+        for statement in _LISTED:
+            await conn.execute(sa.text(statement))
         granted = (await conn.execute(sa.text(_ACCESS_GRANTED), params)).rowcount
         await conn.execute(sa.text(_UPSERT_ACCESS), params)
         revoked = removed = 0

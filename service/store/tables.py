@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from service.normalize import TRACKED_FIELDS
 from service.vocabulary import EVENT_TYPES, PARTITION_STATUSES, RUN_STATUSES
 
 SCHEMA = "inventory"
@@ -333,6 +334,50 @@ image_events = Table(
     Index(None, "occurred_at"),
     Index(None, "sync_run_id"),
     comment="Append-only history of every change to images, in event_id order.",
+)
+
+# -- versions (migration 0007): range-partitioned on valid_to into image_versions_current
+# (valid_to infinity) and image_versions_closed; the partitions are created there.
+
+VERSION_PARTITIONS = ("image_versions_current", "image_versions_closed")
+_VERSION_COMMENTS = {
+    "disks": "The image's disks in the period, as images_as_of returns them.",
+    "extra": "Unknown API fields in the period (raw minus the documented fields).",
+}
+
+image_versions = Table(
+    "image_versions",
+    metadata,
+    Column("region_id", Text, nullable=False, comment="Region of the image."),
+    Column("image_id", Text, nullable=False, comment="Image id."),
+    _tz(
+        "valid_from",
+        "Start of the period: the moment (occurred_at) of the change that made this version.",
+        nullable=False,
+    ),
+    _tz(
+        "valid_to",
+        "End of the period, exclusive: the moment of the next change or the removal; "
+        "infinity while current.",
+        nullable=False,
+    ),
+    *(
+        Column(
+            name,
+            JSONB if name in ("disks", "extra") else images.c[name].type,
+            comment=_VERSION_COMMENTS.get(name, f"images.{name} in the period."),
+        )
+        for name in TRACKED_FIELDS  # the columns of images_as_of after the key
+    ),
+    PrimaryKeyConstraint("region_id", "image_id", "valid_to"),
+    CheckConstraint("valid_from < valid_to", name="period"),
+    Index(None, "region_id", "image_source", "valid_to"),
+    Index(None, "valid_to"),
+    postgresql_partition_by="RANGE (valid_to)",
+    comment="Every version of each image (SCD2): one row per period in which it was listed "
+    "unchanged (valid_from <= t < valid_to; valid_to infinity while current), with the "
+    "columns of images_as_of. Written by the merge in the partition's transaction; read "
+    "through images_as_of(ts).",
 )
 
 partitions = Table(
