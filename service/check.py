@@ -177,7 +177,10 @@ _CHECKS: tuple[_Check, ...] = (
         "events of a run's partition disagree with its sync_partitions record",
         """
         WITH ev AS (
+            -- per partition identity: two accounts' partitions of one region and
+            -- source are two records in one run
             SELECT sync_run_id AS run_id, region_id, image_source,
+                   coalesce(account, '') AS identity,
                    count(*) FILTER (WHERE event_type = 'created') AS created,
                    count(*) FILTER (WHERE event_type = 'updated') AS updated,
                    count(*) FILTER (WHERE event_type = 'went_offline') AS went_offline,
@@ -185,14 +188,17 @@ _CHECKS: tuple[_Check, ...] = (
                    count(*) FILTER (WHERE event_type = 'removed') AS removed,
                    count(*) FILTER (WHERE event_type = 'reappeared') AS reappeared
               FROM inventory.image_events
-             GROUP BY 1, 2, 3
+             WHERE event_type NOT IN ('access_granted', 'access_revoked')
+             GROUP BY 1, 2, 3, 4
         ), rec AS (
-            SELECT run_id, region_id, image_source, created, updated, went_offline,
+            SELECT run_id, region_id, image_source, coalesce(account, '') AS identity,
+                   created, updated, went_offline,
                    came_online, removed, reappeared
               FROM inventory.sync_partitions
              WHERE status IN ('succeeded', 'incomplete')
         )
-        SELECT format('run %s %s/%s', coalesce(e.run_id, p.run_id),
+        SELECT format('run %s %s%s/%s', coalesce(e.run_id, p.run_id),
+                      nullif(coalesce(e.identity, p.identity) || ':', ':'),
                       coalesce(e.region_id, p.region_id), coalesce(e.image_source, p.image_source)),
                CASE WHEN p.run_id IS NULL THEN 'events without a succeeded/incomplete record'
                     ELSE format('recorded %s, events %s',
@@ -203,7 +209,7 @@ _CHECKS: tuple[_Check, ...] = (
                                       coalesce(e.removed, 0), coalesce(e.reappeared, 0)])
                END
           FROM ev e
-          FULL JOIN rec p USING (run_id, region_id, image_source)
+          FULL JOIN rec p USING (run_id, region_id, image_source, identity)
          WHERE p.run_id IS NULL
             OR ARRAY[p.created, p.updated, p.went_offline, p.came_online, p.removed,
                      p.reappeared]::bigint[]

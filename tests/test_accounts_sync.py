@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import open_runtime
+from service.check import check_invariants
 from service.config import Settings, load_settings
 from service.errors import AuthError
 from service.jdcloud.signer import DEMO_ACCESS_KEY, DEMO_SECRET_KEY
@@ -184,6 +185,17 @@ async def _assert_state(
         "SELECT count(*), count(DISTINCT (region_id, image_id)) FROM inventory.images",
     )
     assert counts[0][0] == counts[0][1]
+    # Each batch of the change feed names the account of its partition: the account of
+    # every one of its events.
+    batches = await _rows(
+        engine,
+        "SELECT count(*) FROM inventory.change_batches b"
+        " JOIN inventory.image_events e ON e.event_id = ANY (b.event_ids)"
+        " WHERE b.account IS DISTINCT FROM e.account",
+    )
+    assert batches == [(0,)]
+    # The versions follow the images (source rewritten by the accounts' rule included).
+    assert await check_invariants(engine) == []
 
 
 async def _events(engine: AsyncEngine, run_id: int) -> list[tuple[str, str, str | None]]:
