@@ -23,6 +23,9 @@ index, so one image cost a full scan of the history. Now:
   name, columns and NULL guard (``inventory.as_of_moment``), same answer.
 - ``images_as_of_events(ts)``: the former function under a new name, the fold of the
   events; ``image-sync check`` compares the current state with it.
+- ``change_batches.account``: the account of the partition whose commit a batch is
+  (two accounts' partitions of one region and source in one run were two batches that
+  only their events told apart), back-filled from the batch's first event.
 - A guard on ``inventory.images`` (``inventory.images_writer_guard``, a statement
   trigger): a writer that does not say it keeps the versions (``SET LOCAL
   image_sync.writes_versions = 'on'``, as this release's merge does) is refused with one
@@ -222,6 +225,21 @@ def upgrade() -> None:
         for name, comment in comments.items():
             op.execute(f'COMMENT ON COLUMN inventory.{table}."{name}" IS {_v2._literal(comment)}')
     op.execute(sa.text(BACKFILL).bindparams(cutoff=cutoff or "-infinity"))
+    op.add_column(
+        "change_batches",
+        sa.Column(
+            "account",
+            sa.Text(),
+            comment="Account of the partition whose commit this is (image_events.account); "
+            "NULL for a catalogue partition (migration 0007; back-filled from the events).",
+        ),
+        schema="inventory",
+    )
+    op.execute(
+        "UPDATE inventory.change_batches b SET account = e.account"
+        "  FROM inventory.image_events e"
+        " WHERE e.event_id = b.event_ids[1] AND e.account IS NOT NULL"
+    )
     op.execute("ANALYZE inventory.image_versions_current")
     op.execute("ANALYZE inventory.image_versions_closed")
     op.execute(AS_OF_MOMENT)
@@ -246,6 +264,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_column("change_batches", "account", schema="inventory")
     op.execute("DROP TRIGGER images_writer_guard ON inventory.images")
     op.execute("DROP FUNCTION inventory.images_writer_guard()")
     op.execute("DROP FUNCTION inventory.images_as_of(timestamptz)")

@@ -59,8 +59,8 @@ WITH mine AS (
     UPDATE inventory.feed_clock SET batch = batch + 1 RETURNING batch
 )
 INSERT INTO inventory.change_batches
-       (batch, committed_at, run_id, region_id, image_source, event_count, event_ids)
-SELECT clock.batch, clock_timestamp(), :run_id, :region, :source, ids.n, ids.ids
+       (batch, committed_at, run_id, region_id, image_source, event_count, event_ids, account)
+SELECT clock.batch, clock_timestamp(), :run_id, :region, :source, ids.n, ids.ids, :account
   FROM clock, ids
 RETURNING batch, event_count
 """
@@ -146,7 +146,13 @@ async def record_batch(
     if expected > MAX_BATCH_EVENTS:
         raise DatabaseError(f"{expected} events in one partition: the feed takes at most "
                             f"{MAX_BATCH_EVENTS} per commit")  # fmt: skip
-    params = {"run_id": run_id, "region": region, "source": source, "floor": floor}
+    params = {
+        "run_id": run_id,
+        "region": region,
+        "source": source,
+        "floor": floor,
+        "account": account,
+    }
     row = (await conn.execute(sa.text(_RECORD_BATCH), params)).one()
     if row.event_count != expected:
         # A bug, not an outage: roll the partition back rather than file a wrong batch.

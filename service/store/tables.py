@@ -530,6 +530,12 @@ change_batches = Table(
         comment="image_events.event_id of the batch's events, in event_id order; an "
         "event's position in the feed is its 1-based index here.",
     ),
+    Column(
+        "account",
+        Text,
+        comment="Account of the partition whose commit this is (image_events.account); "
+        "NULL for a catalogue partition (migration 0007; back-filled from the events).",
+    ),
     PrimaryKeyConstraint("batch"),
     comment="One row per committed partition transaction that recorded events: the "
     "commit-ordered batches read by changes_since().",
