@@ -435,7 +435,10 @@ def simulator(scenario: Scenario, extra: Sequence[str] = ()) -> Iterator[str]:
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        # It builds the whole catalogue first: ~2 minutes for 1,000,000 images on an idle
+        # machine, over 3 on a busy one.
+        patience = max(180.0, scenario.images / 2000)
+        deadline = time.monotonic() + patience
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the simulator exited: {process.stderr.read().decode()}")  # type: ignore[union-attr]
@@ -444,7 +447,9 @@ def simulator(scenario: Scenario, extra: Sequence[str] = ()) -> Iterator[str]:
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the simulator did not answer within 180 s") from None
+                    raise RuntimeError(
+                        f"the simulator did not answer within {patience:.0f} s"
+                    ) from None
                 time.sleep(0.2)
         yield endpoint
     finally:
