@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.string import TextLoader
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -111,6 +112,8 @@ def _rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every inventory table, as text, sorted (column order as stored)."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     with psycopg.connect(_libpq(url)) as conn:
+        # As PostgreSQL prints them: image_versions holds 'infinity', which datetime cannot.
+        conn.adapters.register_loader("timestamptz", TextLoader)
         tables = [
             row[0]
             for row in conn.execute(
