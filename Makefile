@@ -32,7 +32,7 @@ demo: $(STAMP)
 ## It runs in TEST_WORKERS pytest-xdist workers (each with a database of its own, and an
 ## embedded server of its own when TEST_DATABASE_URL is unset), a module per worker at a time.
 TEST_WORKERS ?= 2
-PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PARALLEL)
 

@@ -26,10 +26,16 @@ from tests.fault_helpers import truncate
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that touches the database carries the ``db`` marker (CI reruns them)."""
+    """Every test that touches the database carries the ``db`` marker (CI reruns them).
+
+    Modules with a ``long`` test come first: ``make test`` hands whole modules to its
+    workers in this order (``--no-loadscope-reorder``), so a long one started last would
+    keep the run waiting on it alone. Order within a module is kept."""
     for item in items:
         if "database_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.db)
+    long_modules = {item.path for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.path not in long_modules)
 
 
 def _libpq_url(url: str) -> str:
