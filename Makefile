@@ -29,12 +29,16 @@ demo: $(STAMP)
 	$(BIN)/image-sync demo
 
 ## make test: the whole suite on TEST_DATABASE_URL, or an embedded PostgreSQL when unset.
+## It runs in TEST_WORKERS pytest-xdist workers (each with a database of its own, and an
+## embedded server of its own when TEST_DATABASE_URL is unset), a module per worker at a time.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 ## make test-db: only the tests that use a database (CI reruns them on the system PostgreSQL).
 test-db: $(STAMP)
-	$(BIN)/python -m pytest -m db
+	$(BIN)/python -m pytest -m db $(PARALLEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ so parallel runs never see each other's rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -25,10 +26,16 @@ from tests.fault_helpers import truncate
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that touches the database carries the ``db`` marker (CI reruns them)."""
+    """Every test that touches the database carries the ``db`` marker (CI reruns them).
+
+    Modules with a ``long`` test come first: ``make test`` hands whole modules to its
+    workers in this order (``--no-loadscope-reorder``), so a long one started last would
+    keep the run waiting on it alone. Order within a module is kept."""
     for item in items:
         if "database_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.db)
+    long_modules = {item.path for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.path not in long_modules)
 
 
 def _libpq_url(url: str) -> str:
@@ -56,12 +63,30 @@ def database_url(pg_server_url: str) -> Iterator[str]:
     admin = _libpq_url(pg_server_url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+        _pin_reader_role(conn, name)
     url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
     try:
         yield url
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _pin_reader_role(admin: psycopg.Connection[Any], database: str) -> None:
+    """Make sure the cluster-wide role ``inventory_reader`` exists for as long as the
+    session's ``database`` does.
+
+    Migration 0002 creates the role when it is missing and a downgrade to base drops it
+    when no database uses it. Neither is safe while another session (an xdist worker,
+    another run on a shared server) migrates a database of its own on the same server:
+    of two concurrent ``CREATE ROLE``s of one name, one fails. So the session creates it
+    first, tolerating a concurrent creator, and grants it CONNECT on its database: a
+    dependency that keeps any downgrade on that server from dropping it meanwhile."""
+    if not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = 'inventory_reader'").fetchone():
+        # Another session may make it meanwhile.
+        with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            admin.execute("CREATE ROLE inventory_reader NOLOGIN")
+    admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO inventory_reader')
 
 
 @pytest.fixture(scope="session")

@@ -240,6 +240,7 @@ async def _kill_scenario(
     print(f"kill points survived: {len(points)} ({', '.join(map(str, points))})")
 
 
+@pytest.mark.long
 async def test_sigkill_sample(
     engine: AsyncEngine, make_settings: Any, cli_env: dict[str, str]
 ) -> None:

@@ -77,6 +77,7 @@ async def _recorded_errors(engine: AsyncEngine) -> str:
         return "\n".join(rows)
 
 
+@pytest.mark.long
 async def test_cli_sync_with_debug_logging_and_failures(
     engine: AsyncEngine, cli_env: dict[str, str], secret_db_url: str
 ) -> None:
@@ -221,6 +222,7 @@ def _base_env(cli_env: dict[str, str], **extra: str) -> dict[str, str]:
     return {**env, "IMAGE_SYNC_LOG_LEVEL": "debug", "IMAGE_SYNC_LOG_FORMAT": "json", **extra}
 
 
+@pytest.mark.long
 async def test_every_form_of_the_secrets_stays_out_of_the_cli(
     engine: AsyncEngine, cli_env: dict[str, str], secret_db_url: str, tmp_path: Path
 ) -> None:

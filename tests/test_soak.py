@@ -18,6 +18,7 @@ from bench.run import ROOT, _clean_env
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 
 
+@pytest.mark.long
 def test_two_minute_soak_passes_every_check(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--minutes", "2", "--results-dir", str(tmp_path)],

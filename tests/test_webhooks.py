@@ -119,6 +119,7 @@ async def _scalar(engine: AsyncEngine, sql: str) -> Any:
         return await conn.scalar(sa.text(sql))
 
 
+@pytest.mark.long
 async def test_daemon_delivers_every_event_once_through_faults_and_sigkill(
     engine: AsyncEngine, cli_env: dict[str, str]
 ) -> None:
