@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.types.string import TextLoader
 import pytest
+from psycopg.types.string import TextLoader
 from sqlalchemy.engine import make_url
 
 from service.simulator import Simulator, simulator_in_thread
