@@ -30,15 +30,19 @@ demo: $(STAMP)
 
 ## make test: the whole suite on TEST_DATABASE_URL, or an embedded PostgreSQL when unset.
 ## It runs in TEST_WORKERS pytest-xdist workers (each with a database of its own, and an
-## embedded server of its own when TEST_DATABASE_URL is unset), a module per worker at a time.
+## embedded server of its own when TEST_DATABASE_URL is unset), a module per worker at a time;
+## then the few `long` tests (soak, kill samples) alone: they measure windows of time that
+## a second worker's CPU load made them miss.
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PARALLEL)
+	$(BIN)/python -m pytest -m "not slow and not long" $(PARALLEL)
+	$(BIN)/python -m pytest -m "long and not slow"
 
 ## make test-db: only the tests that use a database (CI reruns them on the system PostgreSQL).
 test-db: $(STAMP)
-	$(BIN)/python -m pytest -m db $(PARALLEL)
+	$(BIN)/python -m pytest -m "db and not slow and not long" $(PARALLEL)
+	$(BIN)/python -m pytest -m "db and long and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
