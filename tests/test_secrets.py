@@ -36,8 +36,9 @@ DB_PASSWORD = "pw-" + secrets.token_hex(10) + "-do-not-leak"
 
 
 @pytest.fixture(scope="module")
-def secret_db_url(database_url: str) -> Iterator[str]:
-    """The test database through a login role that has a password."""
+def secret_db_url(database_url: str, session_engine: AsyncEngine) -> Iterator[str]:
+    """The test database (migrated: ``session_engine``, which a worker of a parallel run
+    may not have made yet) through a login role that has a password."""
     role = f"secretive_{secrets.token_hex(3)}"
     admin = make_url(database_url).set(drivername="postgresql").render_as_string(False)
     with psycopg.connect(admin, autocommit=True) as conn:
