@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scale mode: synthesise a history on the largest size and time images_as_of",
     )
     parser.add_argument(
+        "--keep-database",
+        action="store_true",
+        help="scale mode: keep the largest size's database (its URL is printed) to query later",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=None,
@@ -136,6 +141,7 @@ def _main_scale(args: argparse.Namespace) -> int:
         server_url=args.database_url,
         history=args.history,
         load_floor=not args.no_load_floor,
+        keep_database=args.keep_database,
     )
     print_scale(result)
     result["when"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -483,18 +489,25 @@ def postgres_server(url: str | None) -> Iterator[str]:
 
 
 @contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str, *, keep: bool = False) -> Iterator[str]:
+    """A new, empty database on ``server_url``, dropped afterwards unless ``keep``."""
     from sqlalchemy.engine import make_url
 
     name = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
     admin = make_url(server_url).set(drivername="postgresql")
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin.set(database=name)
     try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
+        yield url.render_as_string(hide_password=False)
     finally:
-        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if keep:
+            log(f"kept database {url.render_as_string(hide_password=True)}")
+        else:
+            with psycopg.connect(
+                admin.render_as_string(hide_password=False), autocommit=True
+            ) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _clean_env() -> dict[str, str]:

@@ -46,8 +46,10 @@ def run_scale(
     server_url: str | None = None,
     history: bool = False,
     load_floor: bool = True,
+    keep_database: bool = False,
 ) -> dict[str, Any]:
-    """Every size in turn (one simulator and one database each)."""
+    """Every size in turn (one simulator and one database each; with ``keep_database``
+    the largest size's database is left on the server)."""
     results: dict[str, Any] = {"sizes": {}, "load": os.getloadavg()}
     with postgres_server(server_url) as server:
         for images in sizes:
@@ -56,16 +58,22 @@ def run_scale(
                 server,
                 history=history and images == sizes[-1],
                 load_floor=load_floor,
+                keep_database=keep_database and images == sizes[-1],
             )
     results["load_after"] = os.getloadavg()
     results["targets"] = scale_targets(results["sizes"])
     return results
 
 
-def run_size(scenario: Scenario, server: str, *, history: bool, load_floor: bool) -> dict[str, Any]:
+def run_size(
+    scenario: Scenario, server: str, *, history: bool, load_floor: bool, keep_database: bool
+) -> dict[str, Any]:
     log(f"scale: {scenario.images} images, no latency")
     size: dict[str, Any] = {"images": scenario.images}
-    with fresh_database(server) as database_url, simulator(scenario) as endpoint:
+    with (
+        fresh_database(server, keep=keep_database) as database_url,
+        simulator(scenario) as endpoint,
+    ):
         config = {
             "endpoint": endpoint,
             "database_url": database_url,
