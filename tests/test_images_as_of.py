@@ -145,6 +145,25 @@ async def test_the_filters_readers_write_reach_an_index(
             assert "Index" in plan, plan
 
 
+async def test_point_in_time_reads_may_run_in_parallel(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """An unsafe function anywhere in a query forbids a parallel plan (migration 0008):
+    with parallelism made free, the whole and the partition forms get workers, for a
+    constant moment and for one computed from now()."""
+    await _history(engine, make_settings)
+    async with engine.connect() as conn:
+        for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0",
+                        "min_parallel_table_scan_size = 0", "enable_indexscan = off",
+                        "enable_bitmapscan = off"):  # fmt: skip
+            await conn.execute(sa.text(f"SET {setting}"))
+        for moment in ("now() - interval '1 h'", "'2026-12-01 00:00+00'"):
+            for where in ("true", "region_id = 'cn-east-1' AND image_source = 'private'"):
+                sql = f"EXPLAIN SELECT * FROM inventory.images_as_of({moment}) WHERE {where}"
+                plan = "\n".join((await conn.execute(sa.text(sql))).scalars().all())
+                assert "Gather" in plan and "Parallel Seq Scan" in plan, plan
+
+
 async def test_migration_back_fills_versions_from_an_existing_history(
     scratch_engine: AsyncEngine, make_settings: Any
 ) -> None:
