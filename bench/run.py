@@ -495,7 +495,8 @@ def fresh_database(server_url: str, *, keep: bool = False) -> Iterator[str]:
 
     name = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
     admin = make_url(server_url).set(drivername="postgresql")
-    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+    admin_dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = admin.set(database=name)
     try:
@@ -504,9 +505,7 @@ def fresh_database(server_url: str, *, keep: bool = False) -> Iterator[str]:
         if keep:
             log(f"kept database {url.render_as_string(hide_password=True)}")
         else:
-            with psycopg.connect(
-                admin.render_as_string(hide_password=False), autocommit=True
-            ) as conn:
+            with psycopg.connect(admin_dsn, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

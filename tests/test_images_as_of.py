@@ -63,6 +63,11 @@ async def _rows(conn: Any, function: str, where: str, params: dict[str, Any]) ->
     return list((await conn.execute(sa.text(sql), params)).all())
 
 
+async def _plan(conn: Any, sql: str) -> str:
+    """``EXPLAIN`` of ``sql``, its lines joined."""
+    return "\n".join((await conn.execute(sa.text(f"EXPLAIN {sql}"))).scalars().all())
+
+
 async def _assert_forms_equal(engine: AsyncEngine, moments: list[datetime]) -> None:
     async with engine.connect() as conn:
         kinds = set(
@@ -127,17 +132,9 @@ async def test_the_filters_readers_write_reach_an_index(
         await conn.execute(sa.text("SET enable_seqscan = off"))
         for where in ("region_id = 'cn-east-1' AND image_id = 'x'",
                       "region_id = 'cn-east-1' AND image_source = 'private'"):  # fmt: skip
-            plan = "\n".join(
-                (
-                    await conn.execute(
-                        sa.text(
-                            "EXPLAIN SELECT * FROM inventory.images_as_of(now() - interval '1 h')"
-                            f" WHERE {where}"
-                        )
-                    )
-                )
-                .scalars()
-                .all()
+            plan = await _plan(
+                conn,
+                f"SELECT * FROM inventory.images_as_of(now() - interval '1 h') WHERE {where}",
             )
             assert "Function Scan" not in plan, plan  # inlined
             assert "image_versions_current" in plan and "image_versions_closed" in plan, plan
@@ -159,8 +156,8 @@ async def test_point_in_time_reads_may_run_in_parallel(
             await conn.execute(sa.text(f"SET {setting}"))
         for moment in ("now() - interval '1 h'", "'2026-12-01 00:00+00'"):
             for where in ("true", "region_id = 'cn-east-1' AND image_source = 'private'"):
-                sql = f"EXPLAIN SELECT * FROM inventory.images_as_of({moment}) WHERE {where}"
-                plan = "\n".join((await conn.execute(sa.text(sql))).scalars().all())
+                sql = f"SELECT * FROM inventory.images_as_of({moment}) WHERE {where}"
+                plan = await _plan(conn, sql)
                 assert "Gather" in plan and "Parallel Seq Scan" in plan, plan
 
 
