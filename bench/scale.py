@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from bench.run import (
+    SYSTEM_POSTGRES,
     TARGET_FLOOR_RATIO,
     TARGET_RSS_MB,
     fresh_database,
@@ -52,13 +53,19 @@ def run_scale(
     the largest size's database is left on the server)."""
     results: dict[str, Any] = {"sizes": {}, "load": os.getloadavg()}
     with postgres_server(server_url) as server:
+        if keep_database and server_url is None and server != SYSTEM_POSTGRES:
+            log(
+                "--keep-database ignored: the embedded server is removed at the end (use --database-url)"
+            )
+            keep_database = False
         for images in sizes:
+            largest = images == sizes[-1]
             results["sizes"][str(images)] = run_size(
                 scale_scenario(images),
                 server,
-                history=history and images == sizes[-1],
+                history=history and largest,
                 load_floor=load_floor,
-                keep_database=keep_database and images == sizes[-1],
+                keep_database=keep_database and largest,
             )
     results["load_after"] = os.getloadavg()
     results["targets"] = scale_targets(results["sizes"])
