@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,6 +73,50 @@ async def replicas(
             if replica.process.returncode is None:
                 replica.process.kill()
             await replica.process.wait()
+
+
+def tcp_sockets_of(pid: int) -> set[str]:
+    """``host:port`` of the local end of each IPv4 TCP socket process ``pid`` holds (Linux)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    local = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            address, port = fields[1].split(":")
+            local.add(f"{socket.inet_ntoa(bytes.fromhex(address)[::-1])}:{int(port, 16)}")
+    return local
+
+
+async def replica_held_in_a_listing(
+    engine: AsyncEngine, simulator: Simulator, daemons: list[Replica], since: float
+) -> tuple[Replica, int] | None:
+    """A replica with a describeImages call the simulator has held for under a second, made
+    after ``since``, and its running run's id; None while there is none."""
+    now = time.time()
+    held = {
+        entry["peer"]
+        for entry in list(simulator.state.requests)
+        if entry["status"] is None
+        and entry["path"].endswith("/images")
+        and entry["time"] >= max(since, now - 1.0)
+    }
+    for replica in daemons:
+        if held & tcp_sockets_of(replica.pid):
+            run = await rows(
+                engine,
+                "SELECT run_id FROM inventory.sync_runs WHERE pid = :pid AND status = 'running'",
+                pid=replica.pid,
+            )
+            if run:
+                return replica, run[0].run_id
+    return None
 
 
 async def wait_for(
@@ -210,22 +256,17 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
         added = catalogue.add("cn-east-1", "private")["imageId"]
         deleted = catalogue.random_image_id("cn-east-1", "community", rng)
         catalogue.delete("cn-east-1", deleted)
-        # Each API call now takes 1.5 s: a run still going after 0.6 s is inside a
-        # partition (one that only skips locked partitions ends in moments).
-        simulator.faults.update({"latency_ms": 1500})
-        victim_run = await wait_for(
-            lambda: rows(
-                engine,
-                """SELECT run_id, pid FROM inventory.sync_runs
-                    WHERE status = 'running' AND clock_timestamp() - started_at > '0.6 s'
-                    ORDER BY run_id LIMIT 1""",
-            ),
-            3 * interval,
-            "a run inside a partition",
+        # Each API call now takes 3 s. A replica whose describeImages call arrived less than
+        # a second ago is inside a partition: its run cannot end before that answer comes.
+        simulator.faults.update({"latency_ms": 3000})
+        held_from = time.time()
+        victim, victim_run_id = await wait_for(
+            lambda: replica_held_in_a_listing(engine, simulator, daemons, since=held_from),
+            3 * interval + 3,
+            "a replica inside a partition",
             step=0.02,
         )
-        victim_run_id, victim_pid = victim_run[0]
-        victim = next(d for d in daemons if d.pid == victim_pid)
+        victim_pid = victim.pid
         victim.process.kill()
         killed_at = time.time()
         print(f"killed a replica mid-run at {time.monotonic() - began:.1f}s")
@@ -243,7 +284,7 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
                 n=count,
                 t=killed_at,
             ),
-            4 * interval + 1.5,
+            4 * interval + 3,  # the survivors' calls held at 3 s included
             "every partition synced after the kill",
         )
         print(f"every partition synced again {time.time() - killed_at:.1f}s after the kill")

@@ -227,6 +227,7 @@ async def _admitted(
         "query": request.rel_url.raw_query_string,
         "status": None,
         "fault": None,
+        "peer": _peer(request),
     }
     state.requests.append(entry)
     state.counters["requests"] += 1
@@ -239,6 +240,13 @@ async def _admitted(
         failed = _error(entry, request_id, "UNAUTHENTICATED", f"Authentication failed: {reason}")
         return state, entry, request_id, failed
     return state, entry, request_id, None
+
+
+def _peer(request: web.Request) -> str | None:
+    """``host:port`` of the client's end of the connection (which process asked, in a test
+    that runs several), or None once the connection is gone."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else None
 
 
 async def _authenticate(
@@ -807,6 +815,7 @@ async def assume_role(request: web.Request) -> web.Response:
         "query": "",
         "status": None,
         "fault": None,
+        "peer": _peer(request),
     }
     state.requests.append(entry)
     state.counters["sts:assumeRole"] += 1
