@@ -9,7 +9,7 @@ from __future__ import annotations
 from service.store.catalog import describe_schema
 from service.store.engine import Engine
 
-_KINDS = {"r": "Table", "v": "View", "m": "Materialized view"}
+_KINDS = {"r": "Table", "p": "Table", "v": "View", "m": "Materialized view"}
 
 
 def _cell(text: str | None) -> str:
@@ -31,9 +31,26 @@ async def render_schema_doc(engine: Engine) -> str:
         "EXECUTE on `images_as_of`). Timestamps are `timestamptz`.",
         "",
     ]
+    parents = {r.name: (r.partition_of or "").partition(" ")[0] for r in schema.relations}
+    children: dict[str, list[str]] = {}
     for relation in schema.relations:
+        if relation.partition_of:
+            parent, _, bound = relation.partition_of.partition(" ")
+            children.setdefault(parent, []).append(f"`{relation.name}` (`{bound}`)")
+    for relation in schema.relations:
+        if parents.get(parents[relation.name]):
+            continue  # a partition of a partition: listed in its parent's section
         lines += [f"## {_KINDS[relation.kind]} `{name}.{relation.name}`", ""]
         lines += [_cell(relation.comment), ""]
+        if relation.partitioned_by:
+            lines += [f"Partitioned by `{relation.partitioned_by}`.", ""]
+            if parents[relation.name]:
+                lines += ["Partitions: " + ", ".join(children.get(relation.name, [])) + ".", ""]
+        if relation.partition_of:
+            # Its columns, key and their meanings are its parent's.
+            parent, _, bound = relation.partition_of.partition(" ")
+            lines += [f"Partition of `{name}.{parent}`: `{bound}`.", ""]
+            continue
         if relation.primary_key:
             lines += [f"Key: `{relation.primary_key}`", ""]
         lines += ["| column | type | null | meaning |", "|---|---|---|---|"]

@@ -5,6 +5,7 @@ Migration 0007's back-fill of an existing history gives the same answers."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.app import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
+from service.store.tables import CURRENT_VERSION_BUCKETS
 from service.sync import sync_once
 from tests.fault_helpers import mutate
 
@@ -140,6 +142,64 @@ async def test_the_filters_readers_write_reach_an_index(
             assert "image_versions_current" in plan and "image_versions_closed" in plan, plan
             assert "Seq Scan" not in plan, plan
             assert "Index" in plan, plan
+
+
+async def test_a_partition_form_reads_one_table_of_current_versions(
+    engine: AsyncEngine, make_settings: Any
+) -> None:
+    """Migration 0009: a partition's current versions are stored together, in the one
+    hash partition of image_versions_current its (region_id, image_source) names, and
+    the partition form prunes to it; one image (no source given) probes all 16."""
+    await _history(engine, make_settings)
+    async with engine.connect() as conn:
+        sql = "SELECT * FROM inventory.images_as_of(now()) WHERE region_id = 'cn-east-1'"
+        tables = [
+            set(re.findall(r"image_versions_current_\d+", await _plan(conn, f"{sql} AND {where}")))
+            for where in ("image_source = 'private'", "image_id = 'x'")
+        ]
+        assert len(tables[0]) == 1 and len(tables[1]) == CURRENT_VERSION_BUCKETS, tables
+        stored = await conn.scalar(
+            sa.text(
+                "SELECT count(DISTINCT tableoid) FROM inventory.image_versions_current"
+                " WHERE region_id = 'cn-east-1' AND image_source = 'private'"
+            )
+        )
+        assert stored == 1
+
+
+async def test_0009_keeps_every_version_both_ways(
+    scratch_engine: AsyncEngine, make_settings: Any
+) -> None:
+    """Rebuilding image_versions_current (0009) and rebuilding it back (its downgrade)
+    keep every row and the table's name and columns."""
+    await migrate.upgrade(scratch_engine)
+    await _history(scratch_engine, make_settings)
+
+    async def versions() -> tuple[list[Any], list[str]]:
+        async with scratch_engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT to_jsonb(v) FROM inventory.image_versions_current v"
+                        " ORDER BY region_id, image_id"
+                    )
+                )
+            ).scalars()
+            columns = await conn.scalar(
+                sa.text(
+                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+                    " WHERE attrelid = 'inventory.image_versions_current'::regclass"
+                    " AND attnum > 0 AND NOT attisdropped"
+                )
+            )
+            return list(rows), columns
+
+    at_head = await versions()
+    assert len(at_head[0]) > 100
+    await migrate.downgrade(scratch_engine, "0008")
+    assert await versions() == at_head
+    await migrate.upgrade(scratch_engine)
+    assert await versions() == at_head
 
 
 async def test_point_in_time_reads_may_run_in_parallel(

@@ -119,7 +119,7 @@ async def test_every_object_and_column_has_a_comment(engine: AsyncEngine) -> Non
                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                       LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
                            AND NOT a.attisdropped
-                     WHERE n.nspname = 'inventory' AND c.relkind IN ('r', 'v')
+                     WHERE n.nspname = 'inventory' AND c.relkind IN ('r', 'p', 'v')
                        AND c.relname <> 'alembic_version'
                        AND (obj_description(c.oid, 'pg_class') IS NULL
                             OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))
@@ -181,8 +181,14 @@ async def test_every_documented_query_runs_on_a_synced_database(
         await conn.execute(sa.text("RESET ROLE"))
 
 
+# Tables an upgrade rebuilds under their own name (same columns): the drop of the copy it
+# renamed away (tests/test_images_as_of.py::test_0009_keeps_every_version_both_ways).
+REBUILDS = {"0009_current_versions_by_partition.py": 'f"DROP TABLE inventory.{PREVIOUS}"'}
+
+
 def test_migrations_are_additive() -> None:
-    """Readers rely on every column and view: no upgrade() may drop one."""
+    """Readers rely on every column and view: no upgrade() (nor a helper of the module:
+    everything but downgrade()) may drop one."""
     forbidden = re.compile(
         r"drop_column|drop_table|DROP\s+(VIEW|COLUMN|TABLE)|alter_column\(.*type_", re.I
     )
@@ -192,7 +198,11 @@ def test_migrations_are_additive() -> None:
         source = path.read_text(encoding="utf-8")
         if "def upgrade" not in source:
             continue
-        upgrade = source.split("def upgrade", 1)[1].split("\ndef downgrade", 1)[0]
+        head, _, rest = source.partition("\ndef downgrade")
+        upgrade = head + rest.partition("\ndef ")[2]  # downgrade() left out
+        if path.name in REBUILDS:
+            assert upgrade.count(REBUILDS[path.name]) == 1, path.name
+            upgrade = upgrade.replace(REBUILDS[path.name], "")
         assert not forbidden.search(upgrade), (
             f"{path.name}: upgrade() drops or retypes something readers use"
         )

@@ -16,10 +16,16 @@ from service.store.tables import SCHEMA
 
 _SCHEMA_COMMENT = "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = :s"
 _RELATIONS = """
-SELECT c.oid, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class') AS comment
+SELECT c.oid, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class') AS comment,
+       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partitioned_by,
+       CASE WHEN c.relispartition THEN
+            (SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+              WHERE i.inhrelid = c.oid) || ' ' || pg_get_expr(c.relpartbound, c.oid)
+       END AS partition_of
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = :schema AND c.relkind IN ('r', 'v', 'm') AND c.relname <> 'alembic_version'
- ORDER BY c.relkind, c.relname
+ WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'v', 'm')
+   AND c.relname <> 'alembic_version'
+ ORDER BY c.relkind IN ('v', 'm'), c.relname
 """
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull,
@@ -51,7 +57,7 @@ class ColumnInfo:
 
 @dataclass(frozen=True, slots=True)
 class RelationInfo:
-    """A table (``kind`` r), view (v) or materialized view (m) of the schema."""
+    """A table (``kind`` r), partitioned table (p), view (v) or materialized view (m)."""
 
     name: str
     kind: str
@@ -59,6 +65,10 @@ class RelationInfo:
     primary_key: str | None
     """``PRIMARY KEY (...)`` as PostgreSQL prints it; None for views."""
     columns: tuple[ColumnInfo, ...]
+    partitioned_by: str | None = None
+    """``HASH (region_id, image_source)`` and the like, for a partitioned table."""
+    partition_of: str | None = None
+    """The parent and the bound, ``image_versions FOR VALUES ..``, for a partition."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +86,8 @@ class SchemaInfo:
     name: str
     comment: str | None
     relations: tuple[RelationInfo, ...]
-    """Tables first, then views, each by name (the version table left out)."""
+    """Tables (partitioned ones among them) first, then views, each by name (the version
+    table left out)."""
     functions: tuple[FunctionInfo, ...]
 
 
@@ -85,7 +96,7 @@ async def describe_schema(engine: Engine) -> SchemaInfo:
     async with connect(engine, "cannot read the schema's catalogue") as conn:
         comment = await conn.scalar(sa.text(_SCHEMA_COMMENT), {"s": SCHEMA})
         rows = (await conn.execute(sa.text(_RELATIONS), {"schema": SCHEMA})).all()
-        relations = [await _relation(conn, oid, name, kind, c) for oid, name, kind, c in rows]
+        relations = [await _relation(conn, *row) for row in rows]
         functions = [
             FunctionInfo(*row)
             for row in (await conn.execute(sa.text(_FUNCTIONS), {"schema": SCHEMA})).all()
@@ -94,8 +105,22 @@ async def describe_schema(engine: Engine) -> SchemaInfo:
 
 
 async def _relation(
-    conn: Connection, oid: int, name: str, kind: str, comment: str | None
+    conn: Connection,
+    oid: int,
+    name: str,
+    kind: str,
+    comment: str | None,
+    partitioned_by: str | None,
+    partition_of: str | None,
 ) -> RelationInfo:
     key = await conn.scalar(sa.text(_KEYS), {"oid": oid})
     columns = (await conn.execute(sa.text(_COLUMNS), {"oid": oid})).all()
-    return RelationInfo(name, kind, comment, key, tuple(ColumnInfo(*c) for c in columns))
+    return RelationInfo(
+        name,
+        kind,
+        comment,
+        key,
+        tuple(ColumnInfo(*c) for c in columns),
+        partitioned_by,
+        partition_of,
+    )

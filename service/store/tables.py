@@ -337,9 +337,16 @@ image_events = Table(
 )
 
 # -- versions (migration 0007): range-partitioned on valid_to into image_versions_current
-# (valid_to infinity) and image_versions_closed; the partitions are created there.
+# (valid_to infinity) and image_versions_closed, the first hash-partitioned on (region_id,
+# image_source) into image_versions_current_0 .. _15 (migration 0009); the partitions are
+# created there.
 
-VERSION_PARTITIONS = ("image_versions_current", "image_versions_closed")
+CURRENT_VERSION_BUCKETS = 16
+VERSION_PARTITIONS = (
+    "image_versions_current",
+    "image_versions_closed",
+    *(f"image_versions_current_{n}" for n in range(CURRENT_VERSION_BUCKETS)),
+)
 _VERSION_COMMENTS = {
     "disks": "The image's disks in the period, as images_as_of returns them.",
     "extra": "Unknown API fields in the period (raw minus the documented fields).",
@@ -366,10 +373,12 @@ image_versions = Table(
             name,
             JSONB if name in ("disks", "extra") else images.c[name].type,
             comment=_VERSION_COMMENTS.get(name, f"images.{name} in the period."),
+            nullable=name != "image_source",
         )
         for name in TRACKED_FIELDS  # the columns of images_as_of after the key
     ),
-    PrimaryKeyConstraint("region_id", "image_id", "valid_to"),
+    # image_source: a unique key of a partitioned table holds its partition keys (0009).
+    PrimaryKeyConstraint("region_id", "image_id", "image_source", "valid_to"),
     CheckConstraint("valid_from < valid_to", name="period"),
     Index(None, "region_id", "image_source", "valid_to"),
     Index(None, "valid_to"),
