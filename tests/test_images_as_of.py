@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.app import open_runtime
 from service.simulator import running_simulator
 from service.store import migrate
-from service.store.tables import CURRENT_VERSION_BUCKETS
+from service.store.tables import VERSION_BUCKETS
 from service.sync import sync_once
 from tests.fault_helpers import mutate
 
@@ -144,58 +144,64 @@ async def test_the_filters_readers_write_reach_an_index(
             assert "Index" in plan, plan
 
 
-async def test_a_partition_form_reads_one_table_of_current_versions(
+async def test_a_partition_form_reads_one_table_of_versions_of_each_kind(
     engine: AsyncEngine, make_settings: Any
 ) -> None:
-    """Migration 0009: a partition's current versions are stored together, in the one
-    hash partition of image_versions_current its (region_id, image_source) names, and
-    the partition form prunes to it; one image (no source given) probes all 16."""
-    await _history(engine, make_settings)
+    """Migrations 0009 and 0010: a partition's versions are stored together, in the one
+    hash partition of image_versions_current and of image_versions_closed its
+    (region_id, image_source) names, and the partition form prunes to those two; one
+    image (no source given) probes all 16 of each."""
+    moments = await _history(engine, make_settings)
     async with engine.connect() as conn:
-        sql = "SELECT * FROM inventory.images_as_of(now()) WHERE region_id = 'cn-east-1'"
-        tables = [
-            set(re.findall(r"image_versions_current_\d+", await _plan(conn, f"{sql} AND {where}")))
-            for where in ("image_source = 'private'", "image_id = 'x'")
-        ]
-        assert len(tables[0]) == 1 and len(tables[1]) == CURRENT_VERSION_BUCKETS, tables
+        for ts in (moments[2], moments[-1]):
+            sql = f"SELECT * FROM inventory.images_as_of('{ts}') WHERE region_id = 'cn-east-1'"
+            for where, tables in (("image_source = 'private'", 1),
+                                  ("image_id = 'x'", VERSION_BUCKETS)):  # fmt: skip
+                plan = await _plan(conn, f"{sql} AND {where}")
+                for half in ("current", "closed"):
+                    read = set(re.findall(rf"image_versions_{half}_\d+", plan))
+                    assert len(read) == tables, (ts, where, half, plan)
         stored = await conn.scalar(
             sa.text(
-                "SELECT count(DISTINCT tableoid) FROM inventory.image_versions_current"
+                "SELECT count(DISTINCT tableoid) FROM inventory.image_versions"
                 " WHERE region_id = 'cn-east-1' AND image_source = 'private'"
             )
         )
-        assert stored == 1
+        assert stored == 2  # one table of current versions, one of closed ones
 
 
-async def test_0009_keeps_every_version_both_ways(
+async def test_0009_and_0010_keep_every_version_both_ways(
     scratch_engine: AsyncEngine, make_settings: Any
 ) -> None:
-    """Rebuilding image_versions_current (0009) and rebuilding it back (its downgrade)
-    keep every row and the table's name and columns."""
+    """Rebuilding image_versions_current (0009) and image_versions_closed (0010), and
+    rebuilding them back (their downgrades), keep every row and the tables' names and
+    columns."""
     await migrate.upgrade(scratch_engine)
     await _history(scratch_engine, make_settings)
 
-    async def versions() -> tuple[list[Any], list[str]]:
+    async def versions() -> list[Any]:
+        found = []
         async with scratch_engine.connect() as conn:
-            rows = (
-                await conn.execute(
+            for half in ("current", "closed"):
+                table = f"inventory.image_versions_{half}"
+                rows = await conn.execute(
                     sa.text(
-                        "SELECT to_jsonb(v) FROM inventory.image_versions_current v"
-                        " ORDER BY region_id, image_id"
+                        f"SELECT to_jsonb(v) FROM {table} v ORDER BY region_id, image_id, valid_to"
                     )
                 )
-            ).scalars()
-            columns = await conn.scalar(
-                sa.text(
-                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
-                    " WHERE attrelid = 'inventory.image_versions_current'::regclass"
-                    " AND attnum > 0 AND NOT attisdropped"
+                columns = await conn.scalar(
+                    sa.text(
+                        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+                        " WHERE attrelid = CAST(:t AS regclass) AND attnum > 0"
+                        " AND NOT attisdropped"
+                    ),
+                    {"t": table},
                 )
-            )
-            return list(rows), columns
+                found.append((list(rows.scalars()), columns))
+        return found
 
     at_head = await versions()
-    assert len(at_head[0]) > 100
+    assert len(at_head[0][0]) > 100 and len(at_head[1][0]) > 10, [len(h[0]) for h in at_head]
     await migrate.downgrade(scratch_engine, "0008")
     assert await versions() == at_head
     await migrate.upgrade(scratch_engine)

@@ -26,11 +26,13 @@ its source, before it opens one, so an image still has one current version.
 
 The rows are copied in the migration's transaction: the previous
 ``image_versions_current`` is detached, renamed, copied into the new one and dropped
-(the one table an upgrade here drops: it is rebuilt under its own name).
+(the one table an upgrade here drops: it is rebuilt under its own name;
+``rebuild_partition`` does it, and migration 0010 does the same to the closed versions).
 """
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -44,8 +46,6 @@ _v2 = importlib.import_module("migrations.versions.0002_reader_views")
 
 BUCKETS = 16
 """``image_versions_current_0`` .. ``_15``."""
-CURRENT = "inventory.image_versions_current"
-PREVIOUS = "image_versions_current_0008"
 CURRENT_INDEX = "ix_image_versions_current_region_id_image_source_valid_from"
 CURRENT_COMMENT = (
     "Partition of image_versions: the current versions (valid_to infinity), one per "
@@ -61,58 +61,82 @@ def _bucket_comment(n: int) -> str:
     )
 
 
-def _rebuild_current(partition_by: str, comment: str) -> None:
-    """Replace image_versions_current by a table created with ``partition_by`` (or a plain
-    one for ""), its rows, index, comments and grant kept."""
+def rebuild_partition(
+    name: str,
+    bound: str,
+    partition_by: str,
+    comment: str,
+    bucket_comment: Callable[[int], str],
+    index: tuple[str, str] | None = None,
+) -> None:
+    """Replace the partition ``inventory.<name>`` of image_versions (``FOR VALUES
+    <bound>``) by one created with ``partition_by`` and its ``BUCKETS`` hash partitions,
+    or by a plain table for ``partition_by`` "": its rows, comments and grant kept, and
+    ``index`` (name, columns), an index of its own, made again."""
     conn = op.get_bind()
-    columns = [
-        r.attname
-        for r in conn.execute(
-            sa.text(
-                "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass)"
-                " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
-            ),
-            {"t": CURRENT},
-        )
-    ]
-    listed = ", ".join(f'"{c}"' for c in columns)
-    op.execute(f"ALTER TABLE inventory.image_versions DETACH PARTITION {CURRENT}")
-    op.execute(f"DROP INDEX inventory.{CURRENT_INDEX}")
-    op.execute(f"ALTER TABLE {CURRENT} RENAME TO {PREVIOUS}")
-    op.execute(
-        f"CREATE TABLE {CURRENT} PARTITION OF inventory.image_versions"
-        f" FOR VALUES FROM ('infinity') TO (MAXVALUE) {partition_by}"
+    table, previous = f"inventory.{name}", f"{name}_0008"
+
+    def rows(sql: str) -> list[Any]:
+        return list(conn.execute(sa.text(sql), {"t": table, "p": f"inventory.{previous}"}))
+
+    columns = rows(
+        "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass)"
+        " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
     )
-    tables = [CURRENT]
+    listed = ", ".join(f'"{c.attname}"' for c in columns)
+    op.execute(f"ALTER TABLE inventory.image_versions DETACH PARTITION {table}")
+    op.execute(f"ALTER TABLE {table} RENAME TO {previous}")
+    # Its indexes go first, so that the new table's take their names.
+    for index_name, constraint in rows(
+        "SELECT i.relname, c.conname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid"
+        " WHERE x.indrelid = CAST(:p AS regclass)"
+    ):
+        if constraint:
+            op.execute(f'ALTER TABLE inventory.{previous} DROP CONSTRAINT "{constraint}"')
+        else:
+            op.execute(f'DROP INDEX inventory."{index_name}"')
+    op.execute(
+        f"CREATE TABLE {table} PARTITION OF inventory.image_versions"
+        f" FOR VALUES {bound} {partition_by}"
+    )
+    tables = [(table, comment)]
     if partition_by:
         for n in range(BUCKETS):
             op.execute(
-                f"CREATE TABLE {CURRENT}_{n} PARTITION OF {CURRENT}"
+                f"CREATE TABLE {table}_{n} PARTITION OF {table}"
                 f" FOR VALUES WITH (MODULUS {BUCKETS}, REMAINDER {n})"
             )
-            tables.append(f"{CURRENT}_{n}")
-    op.execute(f"INSERT INTO {CURRENT} ({listed}) SELECT {listed} FROM inventory.{PREVIOUS}")
-    op.execute(f"DROP TABLE inventory.{PREVIOUS}")
-    op.execute(f"CREATE INDEX {CURRENT_INDEX} ON {CURRENT} (region_id, image_source, valid_from)")
+            tables.append((f"{table}_{n}", bucket_comment(n)))
+    op.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM inventory.{previous}")
+    op.execute(f"DROP TABLE inventory.{previous}")
+    if index is not None:
+        op.execute(f"CREATE INDEX {index[0]} ON {table} ({index[1]})")
     # Each table's columns mean what the parent's do.
-    described = list(
-        conn.execute(
-            sa.text(
-                "SELECT attname, col_description(attrelid, attnum) AS comment FROM pg_attribute"
-                " WHERE attrelid = 'inventory.image_versions'::regclass AND attnum > 0"
-                " AND NOT attisdropped"
-            )
-        )
+    described = rows(
+        "SELECT attname, col_description(attrelid, attnum) AS comment FROM pg_attribute"
+        " WHERE attrelid = 'inventory.image_versions'::regclass AND attnum > 0"
+        " AND NOT attisdropped"
     )
-    for i, table in enumerate(tables):
-        text = comment if i == 0 else _bucket_comment(i - 1)
-        op.execute(f"COMMENT ON TABLE {table} IS {_v2._literal(text)}")
+    for each, text in tables:
+        op.execute(f"COMMENT ON TABLE {each} IS {_v2._literal(text)}")
         for column in described:
             op.execute(
-                f'COMMENT ON COLUMN {table}."{column.attname}" IS {_v2._literal(column.comment)}'
+                f'COMMENT ON COLUMN {each}."{column.attname}" IS {_v2._literal(column.comment)}'
             )
-        op.execute(f"GRANT SELECT ON {table} TO inventory_reader")
-    op.execute(f"ANALYZE {CURRENT}")
+        op.execute(f"GRANT SELECT ON {each} TO inventory_reader")
+    op.execute(f"ANALYZE {table}")
+
+
+def _rebuild_current(partition_by: str, comment: str) -> None:
+    rebuild_partition(
+        "image_versions_current",
+        "FROM ('infinity') TO (MAXVALUE)",
+        partition_by,
+        comment,
+        _bucket_comment,
+        (CURRENT_INDEX, "region_id, image_source, valid_from"),
+    )
 
 
 def upgrade() -> None:

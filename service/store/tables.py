@@ -337,15 +337,15 @@ image_events = Table(
 )
 
 # -- versions (migration 0007): range-partitioned on valid_to into image_versions_current
-# (valid_to infinity) and image_versions_closed, the first hash-partitioned on (region_id,
-# image_source) into image_versions_current_0 .. _15 (migration 0009); the partitions are
+# (valid_to infinity) and image_versions_closed, each hash-partitioned on (region_id,
+# image_source) into <name>_0 .. _15 (migrations 0009 and 0010); the partitions are
 # created there.
 
-CURRENT_VERSION_BUCKETS = 16
-VERSION_PARTITIONS = (
-    "image_versions_current",
-    "image_versions_closed",
-    *(f"image_versions_current_{n}" for n in range(CURRENT_VERSION_BUCKETS)),
+VERSION_BUCKETS = 16
+VERSION_PARTITIONS = tuple(
+    name
+    for half in ("image_versions_current", "image_versions_closed")
+    for name in (half, *(f"{half}_{n}" for n in range(VERSION_BUCKETS)))
 )
 _VERSION_COMMENTS = {
     "disks": "The image's disks in the period, as images_as_of returns them.",
