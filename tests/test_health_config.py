@@ -253,6 +253,13 @@ async def test_migration_backfills_baseline_from_the_first_succeeded_sync(
                 )
             ).all()
         )
+        # Their documents are empty: migration 0009 gives the versions the events' source.
+        sources = (
+            await conn.execute(
+                sa.text("SELECT DISTINCT image_source FROM inventory.image_versions")
+            )
+        ).scalars()
+        assert list(sources) == ["private"]
     assert rows == {1: False, 2: True, 3: False}
 
 

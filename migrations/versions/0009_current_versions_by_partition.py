@@ -21,7 +21,8 @@ the 16; one image (``region_id`` and ``image_id``, no source) is 16 index probes
 
 A unique key of a partitioned table holds its partition keys, so the primary key of
 ``image_versions`` gains ``image_source``: (region_id, image_id, image_source,
-valid_to). The merge closes every current version of an image it rewrites, whatever
+valid_to). A version without a source (back-filled by 0007 from events whose documents
+lacked it, as hand-written history can) gets the image_source of the event that made it. The merge closes every current version of an image it rewrites, whatever
 its source, before it opens one, so an image still has one current version.
 
 The rows are copied in the migration's transaction: the previous
@@ -52,6 +53,16 @@ CURRENT_COMMENT = (
     "listed image; hash-partitioned on (region_id, image_source) into "
     "image_versions_current_0 .. _15 (migration 0009)."
 )
+
+
+FILL_SOURCE = """
+UPDATE inventory.image_versions v
+   SET image_source = (SELECT e.image_source FROM inventory.image_events e
+                        WHERE e.region_id = v.region_id AND e.image_id = v.image_id
+                          AND e.occurred_at <= v.valid_from
+                        ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1)
+ WHERE v.image_source IS NULL
+"""
 
 
 def _bucket_comment(n: int) -> str:
@@ -142,6 +153,10 @@ def _rebuild_current(partition_by: str, comment: str) -> None:
 def upgrade() -> None:
     op.execute("LOCK TABLE inventory.image_versions IN ACCESS EXCLUSIVE MODE")
     op.execute("ALTER TABLE inventory.image_versions DROP CONSTRAINT pk_image_versions")
+    # A version back-filled by 0007 from events whose documents lack the field (none a
+    # release wrote; hand-written history can have them) gets the listing its change was
+    # recorded in, the event's own image_source.
+    op.execute(FILL_SOURCE)
     op.execute("ALTER TABLE inventory.image_versions ALTER COLUMN image_source SET NOT NULL")
     _rebuild_current("PARTITION BY HASH (region_id, image_source)", CURRENT_COMMENT)
     op.execute(
