@@ -48,7 +48,7 @@ async def run_async_migrations() -> None:
     from service.config import load_settings
     from service.store.engine import open_database
 
-    settings = load_settings(os.environ)
+    settings = load_settings(os.environ, needs_api=False)  # migrations never call the API
     async with open_database(settings) as database, database.engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
         await connection.commit()

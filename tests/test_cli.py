@@ -161,6 +161,17 @@ def test_second_process_reuses_the_embedded_server(tmp_path: Path) -> None:
 def test_database_commands_need_no_api_credentials(cli_env: dict[str, str]) -> None:
     env = {k: v for k, v in cli_env.items() if k != "JDCLOUD_ENDPOINT"}  # the real https default
     assert run(["migrate"], env).returncode == 0
+    # `alembic` from a shell, which the README calls the same as `image-sync migrate`.
+    alembic = subprocess.run(
+        [str(Path(sys.executable).with_name("alembic")), "current"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert alembic.returncode == 0, alembic.stderr[-2000:]
+    assert "(head)" in alembic.stdout, alembic.stdout
     status = run(["status"], env)
     assert status.returncode == 0, status.stderr
     # ...while a sync against the real endpoint does, and says which variable is missing.
