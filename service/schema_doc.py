@@ -31,25 +31,25 @@ async def render_schema_doc(engine: Engine) -> str:
         "EXECUTE on `images_as_of`). Timestamps are `timestamptz`.",
         "",
     ]
-    parents = {r.name: (r.partition_of or "").partition(" ")[0] for r in schema.relations}
+    parents = {r.name: r.partition_of for r in schema.relations}
     children: dict[str, list[str]] = {}
     for relation in schema.relations:
         if relation.partition_of:
-            parent, _, bound = relation.partition_of.partition(" ")
-            children.setdefault(parent, []).append(f"`{relation.name}` (`{bound}`)")
+            children.setdefault(relation.partition_of, []).append(
+                f"`{relation.name}` (`{relation.bound}`)"
+            )
     for relation in schema.relations:
-        if parents.get(parents[relation.name]):
+        if relation.partition_of and parents.get(relation.partition_of):
             continue  # a partition of a partition: listed in its parent's section
         lines += [f"## {_KINDS[relation.kind]} `{name}.{relation.name}`", ""]
         lines += [_cell(relation.comment), ""]
         if relation.partitioned_by:
             lines += [f"Partitioned by `{relation.partitioned_by}`.", ""]
-            if parents[relation.name]:
+            if relation.partition_of:
                 lines += ["Partitions: " + ", ".join(children.get(relation.name, [])) + ".", ""]
         if relation.partition_of:
             # Its columns, key and their meanings are its parent's.
-            parent, _, bound = relation.partition_of.partition(" ")
-            lines += [f"Partition of `{name}.{parent}`: `{bound}`.", ""]
+            lines += [f"Partition of `{name}.{relation.partition_of}`: `{relation.bound}`.", ""]
             continue
         if relation.primary_key:
             lines += [f"Key: `{relation.primary_key}`", ""]

@@ -182,7 +182,7 @@ async def test_every_documented_query_runs_on_a_synced_database(
 
 
 # Tables an upgrade rebuilds under their own name (same columns): the drop of the copy it
-# renamed away (tests/test_images_as_of.py::test_0009_keeps_every_version_both_ways).
+# renamed away (tests/test_images_as_of.py::test_0009_and_0010_keep_every_version_both_ways).
 REBUILDS = {"0009_current_versions_by_partition.py": 'f"DROP TABLE inventory.{previous}"'}
 
 

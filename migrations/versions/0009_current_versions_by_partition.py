@@ -22,8 +22,9 @@ the 16; one image (``region_id`` and ``image_id``, no source) is 16 index probes
 A unique key of a partitioned table holds its partition keys, so the primary key of
 ``image_versions`` gains ``image_source``: (region_id, image_id, image_source,
 valid_to). A version without a source (back-filled by 0007 from events whose documents
-lacked it, as hand-written history can) gets the image_source of the event that made it. The merge closes every current version of an image it rewrites, whatever
-its source, before it opens one, so an image still has one current version.
+lacked it, as hand-written history can) gets the image_source of the event that made
+it. The merge closes every current version of an image it rewrites, whatever its
+source, before it opens one, so an image still has one current version.
 
 The rows are copied in the migration's transaction: the previous
 ``image_versions_current`` is detached, renamed, copied into the new one and dropped

@@ -14,7 +14,7 @@ index past the moment, every partition's rows, and kept its own: on 1,000,000 im
 rows for its 406,250 (633 ms; bench/README.md). Now ``image_versions_closed`` is
 ``PARTITION BY HASH (region_id, image_source)`` into ``image_versions_closed_0`` ..
 ``_15``, the same hash as the current versions: a partition form prunes to one table
-of each, and one image is 16 primary-key probes of each.
+of each, and one image is an index probe of each of the 32.
 
 The rows are copied in the migration's transaction (migration 0009's
 ``rebuild_partition``).

@@ -18,10 +18,9 @@ _SCHEMA_COMMENT = "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace
 _RELATIONS = """
 SELECT c.oid, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class') AS comment,
        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partitioned_by,
-       CASE WHEN c.relispartition THEN
-            (SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-              WHERE i.inhrelid = c.oid) || ' ' || pg_get_expr(c.relpartbound, c.oid)
-       END AS partition_of
+       (SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+         WHERE c.relispartition AND i.inhrelid = c.oid) AS partition_of,
+       pg_get_expr(c.relpartbound, c.oid) AS bound
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'v', 'm')
    AND c.relname <> 'alembic_version'
@@ -68,7 +67,9 @@ class RelationInfo:
     partitioned_by: str | None = None
     """``HASH (region_id, image_source)`` and the like, for a partitioned table."""
     partition_of: str | None = None
-    """The parent and the bound, ``image_versions FOR VALUES ..``, for a partition."""
+    """The parent's name, for a partition."""
+    bound: str | None = None
+    """``FOR VALUES ..``, for a partition."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,7 @@ async def _relation(
     comment: str | None,
     partitioned_by: str | None,
     partition_of: str | None,
+    bound: str | None,
 ) -> RelationInfo:
     key = await conn.scalar(sa.text(_KEYS), {"oid": oid})
     columns = (await conn.execute(sa.text(_COLUMNS), {"oid": oid})).all()
@@ -123,4 +125,5 @@ async def _relation(
         tuple(ColumnInfo(*c) for c in columns),
         partitioned_by,
         partition_of,
+        bound,
     )

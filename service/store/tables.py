@@ -373,7 +373,6 @@ image_versions = Table(
             name,
             JSONB if name in ("disks", "extra") else images.c[name].type,
             comment=_VERSION_COMMENTS.get(name, f"images.{name} in the period."),
-            nullable=name != "image_source",
         )
         for name in TRACKED_FIELDS  # the columns of images_as_of after the key
     ),
