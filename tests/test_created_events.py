@@ -1,19 +1,22 @@
 """A created event records the whole image: the document every later comparison
 (updated events, ``images_as_of``) builds from the stored row, for ordinary and odd
-items alike; and a createTime PostgreSQL cannot hold is an invalid item.
+items alike; the first version written with it holds the stored row too, also when two
+merges meet the same new image at once; and a createTime PostgreSQL cannot hold is an
+invalid item.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.normalize import InvalidItem, normalize_image
+from service.normalize import TRACKED_FIELDS, ImageRow, InvalidItem, normalize_image
 from service.simulator.catalogue import Catalogue
-from service.store.apply import _DISK_DOC, PartitionWriter, _doc
+from service.store.apply import _DISK_DOC, _VERSION_VALUES, PartitionWriter, _doc
 from service.store.runs import release_run, start_run
 
 REGION, SOURCE = "cn-north-1", "private"
@@ -83,9 +86,116 @@ async def test_created_events_record_the_stored_image(engine: AsyncEngine) -> No
                 )
             )
         ).all()
+        unlike, current = await _versions_unlike_rows(lock_conn), await _current_versions(lock_conn)
     assert counts.created == len(items)
     assert [image_id for image_id, *_ in compared] == sorted(row.image_id for row in rows)
     assert [(image_id, after, sql) for image_id, same, after, sql in compared if not same] == []
+    assert (unlike, current) == ([], len(items))
+
+
+async def _versions_unlike_rows(conn: Any) -> list[tuple[Any, ...]]:
+    """Current versions whose fields are not those of the stored row, built from the row
+    the way a changed image's next version is (``_VERSION_VALUES``)."""
+    stored = ", ".join(_VERSION_VALUES.get(f, "i." + f) for f in TRACKED_FIELDS)
+    held = ", ".join("v." + f for f in TRACKED_FIELDS)
+    result = await conn.execute(
+        sa.text(
+            f"SELECT v.image_id, ROW({held})::text, ROW({stored})::text"
+            " FROM inventory.image_versions v"
+            " JOIN inventory.images i USING (region_id, image_id)"
+            f" WHERE v.valid_to = 'infinity' AND ROW({held}) IS DISTINCT FROM ROW({stored})"
+        )
+    )
+    return [tuple(r) for r in result.all()]
+
+
+async def _current_versions(conn: Any) -> int:
+    return int(
+        await conn.scalar(
+            sa.text("SELECT count(*) FROM inventory.image_versions WHERE valid_to = 'infinity'")
+        )
+    )
+
+
+async def test_an_image_new_to_two_merges_at_once_has_one_row_of_disks_and_one_version(
+    engine: AsyncEngine,
+) -> None:
+    """The same new image in two partitions of a region (public, community), merged at
+    once: the second waits for the first's row, then updates it like a changed image.
+    Its disks are the second's, replacing the first's (before, a disk-key violation), and
+    the first's version is closed by the second's, one current version."""
+    item = {
+        "imageId": "img-both",
+        "name": "seen twice",
+        "dataDisks": [{"deviceName": "vdb", "cloudDisk": {"diskSizeGB": 20}}],
+    }
+    public = [normalize_image(item, region_id=REGION, image_source="public")]
+    community = [
+        normalize_image(
+            {**item, "name": "seen twice, later"}, region_id=REGION, image_source="community"
+        )
+    ]
+    async with engine.connect() as lock_conn:
+        await lock_conn.execution_options(isolation_level="AUTOCOMMIT")
+        run_id = await start_run(lock_conn, trigger="cli")
+        try:
+            async with engine.connect() as first, engine.connect() as second:
+                pid = await second.scalar(sa.text("SELECT pg_backend_pid()"))
+                await second.rollback()
+                async with first.begin():
+                    await _merge_partition(first, "public", public, run_id)
+                    waiting = asyncio.ensure_future(
+                        _merge_partition_in_transaction(second, "community", community, run_id)
+                    )
+                    await _wait_for_lock(lock_conn, pid)
+                await waiting
+        finally:
+            await release_run(lock_conn, run_id)
+        disks = (
+            await lock_conn.execute(
+                sa.text("SELECT image_id, position, device_name FROM inventory.image_disks")
+            )
+        ).all()
+        versions = (
+            await lock_conn.execute(
+                sa.text(
+                    "SELECT image_source, name, valid_to = 'infinity' FROM inventory.image_versions"
+                    " ORDER BY valid_from"
+                )
+            )
+        ).all()
+        assert await _versions_unlike_rows(lock_conn) == []
+    assert [tuple(d) for d in disks] == [("img-both", 1, "vdb")]
+    assert [tuple(v) for v in versions] == [
+        ("public", "seen twice", False),
+        ("community", "seen twice, later", True),
+    ]
+
+
+async def _merge_partition(conn: Any, source: str, rows: list[ImageRow], run_id: int) -> None:
+    writer = PartitionWriter(conn, region=REGION, source=source)
+    await writer.open()
+    await writer.stage(rows, 0)
+    await writer.merge(run_id=run_id, remove_missing=True)
+
+
+async def _merge_partition_in_transaction(
+    conn: Any, source: str, rows: list[ImageRow], run_id: int
+) -> None:
+    async with conn.begin():
+        await _merge_partition(conn, source, rows, run_id)
+
+
+async def _wait_for_lock(conn: Any, pid: int) -> None:
+    """Until backend ``pid`` waits for a lock (the other merge's new row)."""
+    for _ in range(500):
+        if await conn.scalar(
+            sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": pid},
+        ):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the second merge never waited for the first")
 
 
 @pytest.mark.parametrize(

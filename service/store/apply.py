@@ -83,11 +83,12 @@ def _signed32(text: str) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _doc(alias: str, disks: str) -> str:
-    """SQL for an image's history document from a row alias and a disks jsonb expression."""
+def _doc(alias: str, disks: str, extra: str = "") -> str:
+    """SQL for an image's history document from a row alias, a disks jsonb expression
+    and its ``extra`` (default: the row's ``raw`` less the known fields)."""
     pairs = [f"'{name}', {alias}.{name}" for name in _DOC_FIELDS]
     pairs.append(f"'disks', coalesce({disks}, '[]'::jsonb)")
-    pairs.append(f"'extra', {alias}.raw - {_EXTRA_KEYS}")
+    pairs.append(f"'extra', {extra or f'{alias}.raw - {_EXTRA_KEYS}'}")
     return "jsonb_build_object(" + ", ".join(pairs) + ")"
 
 
@@ -126,6 +127,9 @@ _CREATE_ADOPTED = "CREATE TEMP TABLE stage_adopted (image_id text PRIMARY KEY) O
 fill it, :data:`_ADOPTED`; _DIFF reads it for every partition)."""
 _CREATE_TOUCHED = "CREATE TEMP TABLE stage_touched (image_id text PRIMARY KEY) ON COMMIT DROP"
 """Images whose row the merge wrote: their versions follow (:data:`_CLOSE_VERSIONS`)."""
+_CREATE_INSERTED = "CREATE TEMP TABLE stage_inserted (image_id text PRIMARY KEY) ON COMMIT DROP"
+"""New images whose row this merge inserted (:data:`_INSERT_NEW_IMAGES`): their first
+version is written with their created event."""
 
 _COLS = ", ".join((*IMAGE_COLUMNS, *EXTRA_COLUMNS))
 _SET_COLS = ", ".join(
@@ -242,6 +246,9 @@ INSERT INTO inventory.image_events
 """
 _BASELINE = ":baseline, CAST(:account AS text)"
 """The last two values of every event row: its baseline flag and its account."""
+_VERSION_INSERT = f"""
+INSERT INTO inventory.image_versions (region_id, image_id, valid_from, valid_to,
+                                      {", ".join(TRACKED_FIELDS)})"""
 
 
 def _transition(event_type: str, condition: str) -> str:
@@ -256,14 +263,25 @@ SELECT now(), :run_id, :region, d.image_id, :source, '{event_type}', '{{offline}
 
 # One statement per event type, in the order they are recorded for one image.
 _EVENTS = {
-    "created": f"""{_EVENT_INSERT}
-SELECT now(), :run_id, :region, c.image_id, :source, 'created', '{{}}', NULL, {_doc("s", "nd.disks")},
-       {_BASELINE}
-  FROM stage_diff c JOIN stage_images s USING (image_id)
-  LEFT JOIN LATERAL (
-        SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
-  ) nd ON true
- WHERE c.kind = 'new' ORDER BY c.image_id""",
+    # With its first version, from the same values, where this merge inserted the row:
+    # the disks' document and `extra` are built once for both (the versions, built from
+    # the rows as written, cost a first sync as much again: bench/README.md).
+    "created": f"""
+WITH new AS MATERIALIZED (
+    SELECT s.image_id, {", ".join("s." + c for c in _DOC_FIELDS)},
+           coalesce(nd.disks, '[]'::jsonb) AS disks, s.raw - {_EXTRA_KEYS} AS extra
+      FROM stage_diff c JOIN stage_images s USING (image_id)
+      LEFT JOIN LATERAL (
+            SELECT {_DISK_DOC} AS disks FROM stage_disks d WHERE d.image_id = s.image_id
+      ) nd ON true
+     WHERE c.kind = 'new'
+), opened AS ({_VERSION_INSERT}
+    SELECT :region, n.image_id, now(), 'infinity', {", ".join("n." + f for f in TRACKED_FIELDS)}
+      FROM new n JOIN stage_inserted USING (image_id)
+){_EVENT_INSERT}
+SELECT now(), :run_id, :region, n.image_id, :source, 'created', '{{}}', NULL,
+       {_doc("n", "n.disks", "n.extra")}, {_BASELINE}
+  FROM new n ORDER BY n.image_id""",
     "reappeared": f"""{_EVENT_INSERT}
 SELECT now(), :run_id, :region, d.image_id, :source, 'reappeared', d.changed,
        (SELECT jsonb_object_agg(k, d.old_doc -> k) FROM unnest(d.changed) k), d.new_doc,
@@ -282,18 +300,33 @@ SELECT now(), :run_id, :region, u.image_id, :source, 'updated', u.fields,
  WHERE cardinality(u.fields) > 0 ORDER BY u.image_id""",
 }
 
+_IMAGE_VALUES = f"""
+SELECT {", ".join("s." + c for c in (*IMAGE_COLUMNS, *EXTRA_COLUMNS))}, s.raw, now(), now(), NULL
+  FROM stage_images s JOIN stage_diff d USING (image_id)"""
+# New images first. One another merge inserted since this one classified it (the same
+# image in two partitions of a region, merged at once) is left to the upsert below,
+# and its versions follow the row like a changed image's.
+_INSERT_NEW_IMAGES = f"""
+WITH inserted AS (
+    INSERT INTO inventory.images ({_COLS}, raw, first_seen_at, last_changed_at, removed_at)
+    {_IMAGE_VALUES} WHERE d.kind = 'new'
+    ON CONFLICT (region_id, image_id) DO NOTHING
+    RETURNING image_id
+)
+INSERT INTO stage_inserted SELECT image_id FROM inserted
+"""
+_NOT_INSERTED = "NOT EXISTS (SELECT 1 FROM stage_inserted n WHERE n.image_id = d.image_id)"
 _UPSERT_IMAGES = f"""
 INSERT INTO inventory.images ({_COLS}, raw, first_seen_at, last_changed_at, removed_at)
-SELECT {", ".join("s." + c for c in (*IMAGE_COLUMNS, *EXTRA_COLUMNS))}, s.raw, now(), now(), NULL
-  FROM stage_images s JOIN stage_diff d USING (image_id)
+{_IMAGE_VALUES} WHERE {_NOT_INSERTED}
 ON CONFLICT (region_id, image_id) DO UPDATE
    SET {_SET_COLS}, last_changed_at = now(), removed_at = NULL
 """
 
-_DELETE_DISKS = """
+_DELETE_DISKS = f"""
 DELETE FROM inventory.image_disks x
  USING stage_diff d
- WHERE x.region_id = :region AND x.image_id = d.image_id AND d.kind <> 'new'
+ WHERE x.region_id = :region AND x.image_id = d.image_id AND {_NOT_INSERTED}
 """
 
 _INSERT_DISKS = f"""
@@ -305,9 +338,13 @@ SELECT :region, s.image_id, {", ".join("s." + c for c in DISK_COLUMNS)}
 # Versions (SCD2, read by images_as_of) follow the images rows: every image this merge
 # wrote (changed, removed, its source rewritten) is noted in stage_touched; at the end
 # its current version closes and, unless removed, one opens from its row as written.
+# (A new image's first version is written with its created event, above.)
 # The moment is the transaction's (the events' occurred_at), or just after the version
 # it closes when a merge of the same image that started later committed first.
-_TOUCH_CHANGED = "INSERT INTO stage_touched SELECT image_id FROM stage_diff ON CONFLICT DO NOTHING"
+_TOUCH_CHANGED = f"""
+INSERT INTO stage_touched SELECT image_id FROM stage_diff d WHERE {_NOT_INSERTED}
+ON CONFLICT DO NOTHING
+"""
 _CLOSE_VERSIONS = """
 CREATE TEMP TABLE stage_moments ON COMMIT DROP AS
 WITH closed AS (
@@ -325,9 +362,7 @@ _VERSION_VALUES = {
     " WHERE d.region_id = i.region_id AND d.image_id = i.image_id), '[]'::jsonb)",
     "extra": f"i.raw - {_EXTRA_KEYS}",
 }
-_OPEN_VERSIONS = f"""
-INSERT INTO inventory.image_versions (region_id, image_id, valid_from, valid_to,
-                                      {", ".join(TRACKED_FIELDS)})
+_OPEN_VERSIONS = f"""{_VERSION_INSERT}
 SELECT i.region_id, i.image_id, m.moment, 'infinity',
        {", ".join(_VERSION_VALUES.get(f, "i." + f) for f in TRACKED_FIELDS)}
   FROM stage_moments m
@@ -595,7 +630,7 @@ class PartitionWriter:
     async def open(self) -> None:
         # This writer keeps image_versions in step (migration 0007's guard on images).
         await self._conn.execute(sa.text(f"SET LOCAL {WRITES_VERSIONS} = 'on'"))
-        for statement in (*_CREATE_STAGING, _CREATE_ADOPTED, _CREATE_TOUCHED):
+        for statement in (*_CREATE_STAGING, _CREATE_ADOPTED, _CREATE_TOUCHED, _CREATE_INSERTED):
             await self._conn.execute(sa.text(statement))
         raw = await self._conn.get_raw_connection()
         self._driver = raw.driver_connection
@@ -783,6 +818,7 @@ class PartitionWriter:
         conn = self._conn
         await conn.execute(sa.text(_CLASSIFY), params)
         await conn.execute(sa.text(_DIFF))
+        await conn.execute(sa.text(_INSERT_NEW_IMAGES), params)
         counts: dict[str, int] = {}
         for event_type, statement in _EVENTS.items():
             result = await conn.execute(sa.text(statement), params)
