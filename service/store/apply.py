@@ -188,6 +188,8 @@ UPDATE stage_images s SET {", ".join(f"{c} = x.{c}" for c in EXTRA_COLUMNS)}
 # Classify staged images against the table. Unchanged ones (same hash, still listed)
 # are not selected at all, so nothing below touches them. A new image's document is
 # built once, by the statement that writes its created event, not stored here first.
+# In key order (stage_diff keeps it), so the writes below that read staging through it
+# reach the tables' (region_id, image_id) indexes in order, not at random.
 _CLASSIFY = f"""
 CREATE TEMP TABLE stage_changes ON COMMIT DROP AS
 SELECT s.image_id,
@@ -208,6 +210,7 @@ SELECT s.image_id,
   ) od ON true
  WHERE i.image_id IS NULL OR i.removed_at IS NOT NULL OR i.content_hash <> s.content_hash
     OR {" OR ".join(f"i.{c} IS DISTINCT FROM s.{c}" for c in EXTRA_COLUMNS)}
+ ORDER BY s.image_id
 """
 
 _DIFF = """
