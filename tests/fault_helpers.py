@@ -9,11 +9,13 @@
 - :func:`shared_with_no_one` (at :data:`MEMBERS_ROUTE`): describeImageMembers for fake
   APIs whose listings include shared private images;
 - :func:`mutate`: a deterministic change to a simulated catalogue (every event type);
-- :func:`killable_postgres`: an embedded PostgreSQL of a test's own, to stop and start.
+- :func:`killable_postgres`: an embedded PostgreSQL of a test's own, to stop and start;
+- :func:`wait_until_blocked`: until a backend waits for a lock another transaction holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ import psycopg
 import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.check import DATA_CHECKS, check_invariants
 from service.embedded import EmbeddedPostgres, throwaway_postgres
@@ -34,6 +36,20 @@ INVENTORY_TABLES = (
     "inventory.change_batches, inventory.webhook_cursors, inventory.image_access, "
     "inventory.accounts, inventory.image_versions"
 )
+
+
+async def wait_until_blocked(conn: AsyncConnection, pid: int, what: str) -> None:
+    """Poll (on ``conn``) until backend ``pid`` waits for a lock; fail after ~10 s,
+    saying ``what`` never blocked."""
+    for _ in range(500):
+        waiting = await conn.scalar(
+            sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": pid},
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what} never blocked")
 
 
 async def assert_invariants(engine: AsyncEngine) -> None:

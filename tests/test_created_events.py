@@ -18,6 +18,7 @@ from service.normalize import TRACKED_FIELDS, ImageRow, InvalidItem, normalize_i
 from service.simulator.catalogue import Catalogue
 from service.store.apply import _DISK_DOC, _VERSION_VALUES, PartitionWriter, _doc
 from service.store.runs import release_run, start_run
+from tests.fault_helpers import wait_until_blocked
 
 REGION, SOURCE = "cn-north-1", "private"
 
@@ -147,7 +148,7 @@ async def test_an_image_new_to_two_merges_at_once_has_one_row_of_disks_and_one_v
                     waiting = asyncio.ensure_future(
                         _merge_partition_in_transaction(second, "community", community, run_id)
                     )
-                    await _wait_for_lock(lock_conn, pid)
+                    await wait_until_blocked(lock_conn, pid, "the second merge")
                 await waiting
         finally:
             await release_run(lock_conn, run_id)
@@ -184,18 +185,6 @@ async def _merge_partition_in_transaction(
 ) -> None:
     async with conn.begin():
         await _merge_partition(conn, source, rows, run_id)
-
-
-async def _wait_for_lock(conn: Any, pid: int) -> None:
-    """Until backend ``pid`` waits for a lock (the other merge's new row)."""
-    for _ in range(500):
-        if await conn.scalar(
-            sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"),
-            {"pid": pid},
-        ):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the second merge never waited for the first")
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from service.normalize import normalize_image
 from service.store.apply import PartitionWriter
 from service.store.feed import CHANNEL, event_id_floor, read_changes, record_batch
 from service.store.runs import release_run, start_run
+from tests.fault_helpers import wait_until_blocked
 
 SOURCE = "private"
 
@@ -56,18 +57,6 @@ async def _drain(conn: AsyncConnection, cursor: int, max_rows: int = 1000) -> tu
     return seen, cursor
 
 
-async def _wait_until_blocked(conn: AsyncConnection, pid: int) -> None:
-    for _ in range(200):
-        waiting = await conn.scalar(
-            sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"),
-            {"pid": pid},
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the held partition never blocked")
-
-
 async def test_out_of_order_commits_miss_naive_reader_not_the_feed(engine: AsyncEngine) -> None:
     """Partition A records its event (low event_id) and is held open by a row lock while
     partition B records and commits (higher ids): a reader polling ``event_id > last``
@@ -92,7 +81,7 @@ async def test_out_of_order_commits_miss_naive_reader_not_the_feed(engine: Async
                 task_a = asyncio.ensure_future(
                     _merge_on(held, run_id, "cn-north-1", _items("cn-north-1", ["a1", "a2"], 1))
                 )
-                await _wait_until_blocked(reader, pid)
+                await wait_until_blocked(reader, pid, "the held partition")
                 await _merge(engine, run_id, "cn-east-1", _items("cn-east-1", ["b0", "b1"], 1))
                 # The naive reader polls now: B's events are there, A's are not yet.
                 naive = await _naive(reader, naive_last)
