@@ -3,7 +3,8 @@
 For each size: the simulator without latency (one partition holding ~40% of the images,
 as in ``make bench``), a fresh database, then in subprocesses the load floor, the full
 sync and a no-change resync. Reported per size: wall time, CPU per image of the sync
-process and of the database's PostgreSQL backends, peak RSS of each sync process, and
+process, of the database's PostgreSQL backends and of the simulator (the API side, on
+the same cores), peak RSS of each sync process, and
 the database's bytes per image (``pg_total_relation_size`` of each table over the
 images). With ``--history`` the last size also gets a synthesised history and the
 point-in-time reads are timed on it (:mod:`bench.history`).
@@ -12,6 +13,8 @@ point-in-time reads are timed on it (:mod:`bench.history`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -72,6 +75,34 @@ def run_scale(
     return results
 
 
+def simulator_cpu(endpoint: str) -> Callable[[], float]:
+    """A reader of the CPU seconds the simulator serving ``endpoint`` has used so far
+    (found by its ``--port`` in ``/proc``; Linux only, 0 elsewhere or if not found)."""
+    port = endpoint.rsplit(":", 1)[1]
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"simulate" in args and _option(args, b"--port") == port.encode():
+            stat = entry / "stat"
+            return lambda: _cpu_seconds(stat)
+    return lambda: 0.0
+
+
+def _option(args: list[bytes], name: bytes) -> bytes | None:
+    """The value after option ``name`` in a command line, if it has one."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def _cpu_seconds(stat: Path) -> float:
+    try:  # utime and stime, after the command name (which may hold spaces)
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_size(
     scenario: Scenario, server: str, *, history: bool, load_floor: bool, keep_database: bool
 ) -> dict[str, Any]:
@@ -86,16 +117,23 @@ def run_size(
             "database_url": database_url,
             "scenario": scenario.to_dict(),
         }
+        api_cpu = simulator_cpu(endpoint)
         with psycopg.connect(database_url, autocommit=True) as conn:
             size["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             migrate(database_url)
             if load_floor:
                 log("  load floor")
+                before = api_cpu()
                 size["load_floor"] = measured_load_floor(conn, config)
-            log("  full sync")
-            size["full_sync"] = measured_sync(conn, config)
-            log("  no-change resync")
-            size["no_change_resync"] = measured_sync(conn, config)
+                size["load_floor"]["simulator_cpu_seconds"] = api_cpu() - before
+            for name, title in (
+                ("full_sync", "full sync"),
+                ("no_change_resync", "no-change resync"),
+            ):
+                log(f"  {title}")
+                before = api_cpu()
+                size[name] = measured_sync(conn, config)
+                size[name]["simulator_cpu_seconds"] = api_cpu() - before
             size["bytes_per_image"] = bytes_per_image(conn, scenario.images)
             for name in ("load_floor", "full_sync", "no_change_resync"):
                 phase = size.get(name)
@@ -103,6 +141,9 @@ def run_size(
                     phase["cpu_us_per_image"] = 1e6 * phase["cpu_seconds"] / scenario.images
                     phase["postgres_cpu_us_per_image"] = (
                         1e6 * phase["postgres_cpu_seconds"] / scenario.images
+                    )
+                    phase["simulator_cpu_us_per_image"] = (
+                        1e6 * phase["simulator_cpu_seconds"] / scenario.images
                     )
             if load_floor:
                 size["full_sync"]["x_load_floor"] = (
@@ -182,6 +223,8 @@ def print_scale(result: dict[str, Any]) -> None:
             rows = p.get("rows_written") or {}
             written = "/".join(str(v) for v in rows.values()) if rows else "-"
             cpu = f"{p['cpu_us_per_image']:.0f}/{p['postgres_cpu_us_per_image']:.0f}"
+            if "simulator_cpu_us_per_image" in p:  # absent in results written before it
+                cpu += f"/{p['simulator_cpu_us_per_image']:.0f}"
             ratio = f"{p['x_load_floor']:.2f}" if "x_load_floor" in p else "-"
             print(
                 f"{int(n):>9} {name:<17} {p['seconds']:>8.2f} {ratio:>9} {cpu:>16} "
@@ -190,7 +233,7 @@ def print_scale(result: dict[str, Any]) -> None:
         b = size["bytes_per_image"]
         shown = ", ".join(f"{t} {v:.0f}" for t, v in b.items())
         print(f"{'':>9} database bytes per image: {shown}")
-    print("(CPU us/img: the sync process / the PostgreSQL backends, per image)")
+    print("(CPU us/img: the sync process / the PostgreSQL backends / the simulator, per image)")
     for name, t in result["targets"].items():
         print(f"{'ok  ' if t['met'] else 'MISS'} {name}: {t['value']:.2f} (target {t['target']})")
     for n, size in result["sizes"].items():

@@ -63,8 +63,20 @@ def test_scale_benchmark_runs_in_a_tiny_mode(
     assert history["versions"] == history["events"]
     assert "Index" in history["queries"]["image@latest"]["plan"]
     assert history["queries"]["whole_read_out@latest"]["rows"] == 300
+    assert all(size[p]["simulator_cpu_seconds"] >= 0 for p in ("load_floor", "full_sync"))
     print_scale(result)
     assert "no_change_resync" in capsys.readouterr().out
+
+
+def test_scale_benchmark_finds_the_simulators_cpu() -> None:
+    """The simulator's CPU column reads the process serving that endpoint: one just
+    started has spent CPU building its catalogue; an endpoint nobody serves reads 0."""
+    from bench.run import simulator
+    from bench.scale import scale_scenario, simulator_cpu
+
+    with simulator(scale_scenario(300)) as endpoint:
+        assert simulator_cpu(endpoint)() > 0
+    assert simulator_cpu(endpoint)() == 0
 
 
 def test_fast_normalisation_builds_the_rows_the_careful_path_builds() -> None:
