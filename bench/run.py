@@ -270,6 +270,16 @@ def measured_load_floor(conn: psycopg.Connection, config: dict[str, Any]) -> dic
     return result
 
 
+CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(entry: Path) -> float:
+    """User + system CPU seconds of the process whose ``/proc/<pid>`` is ``entry``
+    (raises OSError once it has exited)."""
+    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after the name
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
 class BackendCpu:
     """CPU seconds used by the PostgreSQL backends of one database while the block runs.
 
@@ -284,7 +294,6 @@ class BackendCpu:
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backend-cpu", daemon=True)
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     @property
     def seconds(self) -> float:
@@ -315,10 +324,9 @@ class BackendCpu:
                 title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 if not title.startswith("postgres: ") or self._marker not in title:
                     continue
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = process_cpu_seconds(entry)
             except (OSError, UnicodeDecodeError, IndexError):
                 continue
-            cpu = (int(fields[11]) + int(fields[12])) / self._tick
             pid = int(entry.name)
             if initial:
                 self._first[pid] = cpu

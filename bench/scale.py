@@ -29,6 +29,7 @@ from bench.run import (
     measured_sync,
     migrate,
     postgres_server,
+    process_cpu_seconds,
     simulator,
 )
 from bench.scenario import Scenario
@@ -85,8 +86,7 @@ def simulator_cpu(endpoint: str) -> Callable[[], float]:
         except OSError:
             continue
         if b"simulate" in args and _option(args, b"--port") == port.encode():
-            stat = entry / "stat"
-            return lambda: _cpu_seconds(stat)
+            return lambda: _cpu_seconds(entry)
     return lambda: 0.0
 
 
@@ -95,12 +95,11 @@ def _option(args: list[bytes], name: bytes) -> bytes | None:
     return args[args.index(name) + 1] if name in args[:-1] else None
 
 
-def _cpu_seconds(stat: Path) -> float:
-    try:  # utime and stime, after the command name (which may hold spaces)
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
+def _cpu_seconds(entry: Path) -> float:
+    try:
+        return process_cpu_seconds(entry)
+    except OSError:  # it has exited
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_size(
