@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.normalize import TRACKED_FIELDS, ImageRow, InvalidItem, normalize_image
 from service.simulator.catalogue import Catalogue
-from service.store.apply import _DISK_DOC, _VERSION_VALUES, PartitionWriter, _doc
+from service.store.apply import _DISK_DOC, _VERSION_VALUES, MergeCounts, PartitionWriter, _doc
 from service.store.runs import release_run, start_run
 from tests.fault_helpers import wait_until_blocked
 
@@ -66,10 +66,7 @@ async def test_created_events_record_the_stored_image(engine: AsyncEngine) -> No
         run_id = await start_run(lock_conn, trigger="cli")
         try:
             async with engine.connect() as conn, conn.begin():
-                writer = PartitionWriter(conn, region=REGION, source=SOURCE)
-                await writer.open()
-                await writer.stage(rows, 0)
-                counts = await writer.merge(run_id=run_id, remove_missing=True)
+                counts = await _merge_partition(conn, SOURCE, rows, run_id)
         finally:
             await release_run(lock_conn, run_id)
         stored_doc = _doc(
@@ -173,11 +170,15 @@ async def test_an_image_new_to_two_merges_at_once_has_one_row_of_disks_and_one_v
     ]
 
 
-async def _merge_partition(conn: Any, source: str, rows: list[ImageRow], run_id: int) -> None:
+async def _merge_partition(
+    conn: Any, source: str, rows: list[ImageRow], run_id: int
+) -> MergeCounts:
+    """One complete merge of ``rows`` in REGION's ``source`` partition (in ``conn``'s
+    open transaction)."""
     writer = PartitionWriter(conn, region=REGION, source=source)
     await writer.open()
     await writer.stage(rows, 0)
-    await writer.merge(run_id=run_id, remove_missing=True)
+    return await writer.merge(run_id=run_id, remove_missing=True)
 
 
 async def _merge_partition_in_transaction(
