@@ -288,6 +288,18 @@ async def test_three_replicas_sync_each_partition_once_per_tick_and_survive_a_ki
             "every partition synced after the kill",
         )
         print(f"every partition synced again {time.time() - killed_at:.1f}s after the kill")
+        # A run is marked abandoned when a run starts after it died (sync_once), and the
+        # survivors' runs that synced its partitions again may have started before the
+        # kill: the next tick's run marks it.
+        await wait_for(
+            lambda: scalar(
+                engine,
+                "SELECT status = 'abandoned' FROM inventory.sync_runs WHERE run_id = :r",
+                r=victim_run_id,
+            ),
+            interval + 3,
+            "the killed replica's run marked abandoned",
+        )
         dead_runs = await rows(
             engine,
             "SELECT run_id, status FROM inventory.sync_runs WHERE pid = :pid ORDER BY run_id",
