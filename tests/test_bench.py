@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from bench.history import FLOOR_RUNS
 from bench.run import TABLES, print_table, run, write_results
 from bench.scenario import SMALL
 
@@ -63,9 +65,23 @@ def test_scale_benchmark_runs_in_a_tiny_mode(
     assert history["versions"] == history["events"]
     assert "Index" in history["queries"]["image@latest"]["plan"]
     assert history["queries"]["whole_read_out@latest"]["rows"] == 300
+    # The big partition's floor: the very rows the form returns, as many runs of each.
+    for moment in ("latest", "between_rounds_1_and_2"):
+        form, floor = (
+            history["queries"][f"{q}@{moment}"] for q in ("partition", "partition_floor")
+        )
+        assert len(form["runs_ms"]) == len(floor["runs_ms"]) == FLOOR_RUNS
+        assert _actual_rows(form["top"]) == _actual_rows(floor["top"]) > 0
     assert all(size[p]["simulator_cpu_seconds"] >= 0 for p in ("load_floor", "full_sync"))
     print_scale(result)
     assert "no_change_resync" in capsys.readouterr().out
+
+
+def _actual_rows(plan_line: str) -> int:
+    """The rows an EXPLAIN ANALYZE node returned, from its line."""
+    found = re.search(r"actual [^)]*rows=(\d+)", plan_line)
+    assert found, plan_line
+    return int(found.group(1))
 
 
 def test_scale_benchmark_finds_the_simulators_cpu() -> None:
