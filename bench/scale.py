@@ -117,6 +117,8 @@ def run_size(
             "scenario": scenario.to_dict(),
         }
         api_cpu = simulator_cpu(endpoint)
+        if keep_database:  # its name, to query it afterwards (bench.pit_floor)
+            size["kept_database"] = database_url.rsplit("/", 1)[1]
         with psycopg.connect(database_url, autocommit=True) as conn:
             size["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             migrate(database_url)

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bench.history import FLOOR_RUNS
@@ -75,6 +76,35 @@ def test_scale_benchmark_runs_in_a_tiny_mode(
     assert all(size[p]["simulator_cpu_seconds"] >= 0 for p in ("load_floor", "full_sync"))
     print_scale(result)
     assert "no_change_resync" in capsys.readouterr().out
+
+
+@pytest.mark.db
+def test_point_in_time_floor_breakdown_runs_on_a_kept_database(pg_server_url: str) -> None:
+    """``python -m bench.pit_floor``'s code on a tiny kept history (not timed): every
+    query runs, the form and the floors return the same rows, no table is left."""
+    from sqlalchemy.engine import make_url
+
+    from bench.pit_floor import breakdown
+    from bench.scale import run_scale
+
+    result = run_scale((300,), server_url=pg_server_url, history=True, keep_database=True)
+    size = result["sizes"]["300"]
+    url = make_url(pg_server_url).set(drivername="postgresql", database=size["kept_database"])
+    dsn = url.render_as_string(hide_password=False)
+    admin = make_url(pg_server_url).set(drivername="postgresql").render_as_string(False)
+    try:
+        measured = breakdown(dsn, size["history"]["moments"]["latest"], runs=2)
+        assert all(len(q["ms"]) == 2 for q in measured.values())
+        rows = {
+            measured[q]["rows"] for q in ("form", "floor", "floor_disks_last", "floor_no_disks")
+        }
+        assert rows == {_actual_rows(size["history"]["queries"]["partition@latest"]["top"])}
+        with psycopg.connect(dsn) as conn:
+            left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pit_floor%'")
+            assert left.fetchone() == (0,)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{size["kept_database"]}" WITH (FORCE)')
 
 
 def _actual_rows(plan_line: str) -> int:
