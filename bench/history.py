@@ -202,6 +202,16 @@ _FLOOR_TABLE = "public.bench_partition_floor"
 _PERIOD = "valid_to > %s::timestamptz AND valid_from <= %s::timestamptz"
 
 
+def as_of_columns(conn: psycopg.Connection) -> list[str]:
+    """images_as_of's result columns, in order (its OUT arguments)."""
+    row = conn.execute(
+        "SELECT proargnames[2:] FROM pg_proc"
+        " WHERE oid = 'inventory.images_as_of(timestamptz)'::regprocedure"
+    ).fetchone()
+    assert row is not None
+    return list(row[0])
+
+
 def _partition_and_floor(
     conn: psycopg.Connection, label: str, ts: str, region: str, source: str, runs: int
 ) -> dict[str, Any]:
@@ -211,10 +221,7 @@ def _partition_and_floor(
     packed table of their own (no other moment's versions, no dead space, no second
     table to append), read with the same filters into the same columns (so PostgreSQL
     deforms and projects every row as it does for the form)."""
-    columns = conn.execute(  # images_as_of's result columns: its OUT arguments
-        "SELECT array_to_string(proargnames[2:], ', ') FROM pg_proc"
-        " WHERE oid = 'inventory.images_as_of(timestamptz)'::regprocedure"
-    ).fetchone()[0]  # type: ignore[index]
+    columns = ", ".join(as_of_columns(conn))
     where = "region_id = %s AND image_source = %s"
     conn.execute(f"DROP TABLE IF EXISTS {_FLOOR_TABLE}")
     conn.execute(

@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from bench.history import as_of_columns
 from bench.scenario import BIG_PARTITION
 
 _TABLES = ("pit_floor_as_stored", "pit_floor_disks_last", "pit_floor_no_disks")
@@ -37,10 +38,7 @@ def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, 
     returned (``rows``)."""
     region, source = BIG_PARTITION.split("/")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        columns: list[str] = conn.execute(
-            "SELECT proargnames[2:] FROM pg_proc"
-            " WHERE oid = 'inventory.images_as_of(timestamptz)'::regprocedure"
-        ).fetchone()[0]  # type: ignore[index]
+        columns = as_of_columns(conn)
         stored = [
             row[0]
             for row in conn.execute(
