@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 from typing import Any
 
 import psycopg
@@ -38,6 +39,8 @@ def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, 
     returned (``rows``)."""
     region, source = BIG_PARTITION.split("/")
     with psycopg.connect(database_url, autocommit=True) as conn:
+        # As PostgreSQL reads it back: a valid moment, safe to write into the queries.
+        moment = conn.execute("SELECT CAST(%s AS timestamptz)::text", [moment]).fetchone()[0]  # type: ignore[index]
         columns = as_of_columns(conn)
         stored = [
             row[0]
@@ -49,13 +52,6 @@ def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, 
         others = [c for c in stored if c != "disks"]
         where = f"region_id = '{region}' AND image_source = '{source}'"
         period = f"valid_to > '{moment}'::timestamptz AND valid_from <= '{moment}'::timestamptz"
-        for table, order in zip(_TABLES, (stored, [*others, "disks"], others), strict=True):
-            conn.execute(f"DROP TABLE IF EXISTS public.{table}")
-            conn.execute(
-                f"CREATE TABLE public.{table} AS SELECT {', '.join(order)}"
-                f" FROM inventory.image_versions WHERE {where} AND {period}"
-            )
-            conn.execute(f"VACUUM ANALYZE public.{table}")
         listed, without = ", ".join(columns), ", ".join(c for c in columns if c != "disks")
         queries = {
             "floor_scan_only": "SELECT * FROM public.pit_floor_as_stored",
@@ -69,6 +65,13 @@ def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, 
         }
         measured: dict[str, dict[str, Any]] = {name: {"ms": []} for name in queries}
         try:
+            for table, order in zip(_TABLES, (stored, [*others, "disks"], others), strict=True):
+                conn.execute(f"DROP TABLE IF EXISTS public.{table}")
+                conn.execute(
+                    f"CREATE TABLE public.{table} AS SELECT {', '.join(order)}"
+                    f" FROM inventory.image_versions WHERE {where} AND {period}"
+                )
+                conn.execute(f"VACUUM ANALYZE public.{table}")
             for _ in range(runs):
                 for name, sql in queries.items():
                     plan = [r[0] for r in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")]
@@ -88,7 +91,14 @@ def main() -> None:
     parser.add_argument("moment", help="a moment of its history, e.g. the JSON's 'latest'")
     parser.add_argument("--runs", type=int, default=8, help="rounds, alternating (default 8)")
     args = parser.parse_args()
-    for name, q in breakdown(args.database_url, args.moment, args.runs).items():
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    try:
+        measured = breakdown(args.database_url, args.moment, args.runs)
+    except psycopg.Error as error:  # a wrong URL or moment, a database with no history
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        sys.exit(f"python -m bench.pit_floor: {message}")
+    for name, q in measured.items():
         ms = q["ms"]
         print(
             f"{name:<18} min {min(ms):7.1f}  median {statistics.median(ms):7.1f}"
