@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from sqlalchemy.engine import make_url
 
 from bench.run import (
     SYSTEM_POSTGRES,
@@ -118,7 +119,7 @@ def run_size(
         }
         api_cpu = simulator_cpu(endpoint)
         if keep_database:  # its name, to query it afterwards (bench.pit_floor)
-            size["kept_database"] = database_url.rsplit("/", 1)[1]
+            size["kept_database"] = make_url(database_url).database
         with psycopg.connect(database_url, autocommit=True) as conn:
             size["postgresql"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             migrate(database_url)
