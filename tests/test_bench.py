@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from bench.history import FLOOR_RUNS
 from bench.run import TABLES, print_table, run, write_results
@@ -48,63 +50,57 @@ def test_small_benchmark_runs_end_to_end(
 def test_scale_benchmark_runs_in_a_tiny_mode(
     pg_server_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``make bench-scale``'s code at 300 images (not timed)."""
+    """``make bench-scale``'s code at 300 images (not timed), then ``python -m
+    bench.pit_floor``'s on the database it kept."""
     from bench.scale import print_scale, run_scale
 
-    result = run_scale((300,), server_url=pg_server_url, history=True)
-
-    size = result["sizes"]["300"]
-    assert size["full_sync"]["totals"]["created"] == 300
-    assert size["load_floor"]["rows_written"] == size["full_sync"]["rows_written"]
-    assert size["no_change_resync"]["rows_written"] == {t: 0 for t in TABLES}
-    assert size["bytes_per_image"]["images"] > 0
-    assert size["full_sync"]["cpu_us_per_image"] > 0
-    history = size["history"]
-    assert history["images"] == 300
-    # Three rounds, each updating the two thirds of the images not picked out for it.
-    assert history["events"] == 300 + 2 * 300
-    assert history["versions"] == history["events"]
-    assert "Index" in history["queries"]["image@latest"]["plan"]
-    assert history["queries"]["whole_read_out@latest"]["rows"] == 300
-    # The big partition's floor: the very rows the form returns, as many runs of each.
-    for moment in ("latest", "between_rounds_1_and_2"):
-        form, floor = (
-            history["queries"][f"{q}@{moment}"] for q in ("partition", "partition_floor")
-        )
-        assert len(form["runs_ms"]) == len(floor["runs_ms"]) == FLOOR_RUNS
-        assert _actual_rows(form["top"]) == _actual_rows(floor["top"]) > 0
-    assert all(size[p]["simulator_cpu_seconds"] >= 0 for p in ("load_floor", "full_sync"))
-    print_scale(result)
-    assert "no_change_resync" in capsys.readouterr().out
-
-
-@pytest.mark.db
-def test_point_in_time_floor_breakdown_runs_on_a_kept_database(pg_server_url: str) -> None:
-    """``python -m bench.pit_floor``'s code on a tiny kept history (not timed): every
-    query runs, the form and the floors return the same rows, no table is left."""
-    from sqlalchemy.engine import make_url
-
-    from bench.pit_floor import breakdown
-    from bench.scale import run_scale
-
     result = run_scale((300,), server_url=pg_server_url, history=True, keep_database=True)
+
     size = result["sizes"]["300"]
-    url = make_url(pg_server_url).set(drivername="postgresql", database=size["kept_database"])
-    dsn = url.render_as_string(hide_password=False)
-    admin = make_url(pg_server_url).set(drivername="postgresql").render_as_string(False)
     try:
-        measured = breakdown(dsn, size["history"]["moments"]["latest"], runs=2)
-        assert all(len(q["ms"]) == 2 for q in measured.values())
-        rows = {
-            measured[q]["rows"] for q in ("form", "floor", "floor_disks_last", "floor_no_disks")
-        }
-        assert rows == {_actual_rows(size["history"]["queries"]["partition@latest"]["top"])}
-        with psycopg.connect(dsn) as conn:
-            left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pit_floor%'")
-            assert left.fetchone() == (0,)
+        assert size["full_sync"]["totals"]["created"] == 300
+        assert size["load_floor"]["rows_written"] == size["full_sync"]["rows_written"]
+        assert size["no_change_resync"]["rows_written"] == {t: 0 for t in TABLES}
+        assert size["bytes_per_image"]["images"] > 0
+        assert size["full_sync"]["cpu_us_per_image"] > 0
+        history = size["history"]
+        assert history["images"] == 300
+        # Three rounds, each updating the two thirds of the images not picked out for it.
+        assert history["events"] == 300 + 2 * 300
+        assert history["versions"] == history["events"]
+        assert "Index" in history["queries"]["image@latest"]["plan"]
+        assert history["queries"]["whole_read_out@latest"]["rows"] == 300
+        # The big partition's floor: the very rows the form returns, as many runs of each.
+        for moment in ("latest", "between_rounds_1_and_2"):
+            form, floor = (
+                history["queries"][f"{q}@{moment}"] for q in ("partition", "partition_floor")
+            )
+            assert len(form["runs_ms"]) == len(floor["runs_ms"]) == FLOOR_RUNS
+            assert _actual_rows(form["top"]) == _actual_rows(floor["top"]) > 0
+        assert all(size[p]["simulator_cpu_seconds"] >= 0 for p in ("load_floor", "full_sync"))
+        print_scale(result)
+        assert "no_change_resync" in capsys.readouterr().out
+        _check_floor_breakdown(pg_server_url, size)
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
+        admin = make_url(pg_server_url).set(drivername="postgresql")
+        with psycopg.connect(admin.render_as_string(False), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{size["kept_database"]}" WITH (FORCE)')
+
+
+def _check_floor_breakdown(server_url: str, size: dict[str, Any]) -> None:
+    """bench.pit_floor on a kept tiny history: every query runs, the form and the
+    floors return the form's rows, no table is left."""
+    from bench.pit_floor import breakdown
+
+    url = make_url(server_url).set(drivername="postgresql", database=size["kept_database"])
+    dsn = url.render_as_string(hide_password=False)
+    measured = breakdown(dsn, size["history"]["moments"]["latest"], runs=2)
+    assert all(len(q["ms"]) == 2 for q in measured.values())
+    rows = {measured[q]["rows"] for q in ("form", "floor", "floor_disks_last", "floor_no_disks")}
+    assert rows == {_actual_rows(size["history"]["queries"]["partition@latest"]["top"])}
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pit_floor%'")
+        assert left.fetchone() == (0,)
 
 
 def _actual_rows(plan_line: str) -> int:
