@@ -21,6 +21,8 @@ this machine); both report their median too.
 from __future__ import annotations
 
 import asyncio
+import re
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -169,7 +171,7 @@ def time_reads(conn: psycopg.Connection, moments: list[str]) -> dict[str, Any]:
             if form == "partition":
                 continue  # below, alternating with its floor
             sql = f"SELECT * FROM inventory.images_as_of(%s::timestamptz){where}"
-            runs = [_explain(conn, sql, [ts, *args]) for _ in range(2)]
+            runs = [explain(conn, sql, [ts, *args]) for _ in range(2)]
             best = min(runs, key=lambda r: r["ms"])
             result["queries"][f"{form}@{label}"] = best
         result["queries"].update(
@@ -190,7 +192,7 @@ def time_reads(conn: psycopg.Connection, moments: list[str]) -> dict[str, Any]:
             result["queries"][f"whole_read_out@{label}"] = {"ms": 1000 * min(seconds), "rows": rows}
     # The fold of the events for one image, as images_as_of was before migration 0007.
     sql = "SELECT * FROM inventory.images_as_of_events(%s::timestamptz) WHERE region_id = %s AND image_id = %s"
-    result["queries"]["events_fold_image@latest"] = _explain(conn, sql, [moments[-1], *image])
+    result["queries"]["events_fold_image@latest"] = explain(conn, sql, [moments[-1], *image])
     return result
 
 
@@ -199,7 +201,10 @@ FLOOR_RUNS = 5
 by tens of percent from one minute to the next: each pair is measured side by side)."""
 
 _FLOOR_TABLE = "public.bench_partition_floor"
-_PERIOD = "valid_to > %s::timestamptz AND valid_from <= %s::timestamptz"
+PARTITION = "region_id = %s AND image_source = %s"
+"""The partition form's filter (parameters: region, source)."""
+PERIOD = "valid_to > %s::timestamptz AND valid_from <= %s::timestamptz"
+"""images_as_of's period filter on image_versions (parameters: the moment, twice)."""
 
 
 def as_of_columns(conn: psycopg.Connection) -> list[str]:
@@ -212,6 +217,31 @@ def as_of_columns(conn: psycopg.Connection) -> list[str]:
     return list(row[0])
 
 
+def copy_versions(
+    conn: psycopg.Connection, table: str, columns: list[str], region: str, source: str, ts: str
+) -> None:
+    """``table``, new and packed: the ``columns`` (in that order) of the versions of the
+    partition ``region``/``source`` that ``images_as_of(ts)`` returns."""
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(
+        f"CREATE TABLE {table} AS SELECT {', '.join(columns)} FROM inventory.image_versions"
+        f" WHERE {PARTITION} AND {PERIOD}",
+        [region, source, ts, ts],
+    )
+    conn.execute(f"VACUUM ANALYZE {table}")
+
+
+def stored_columns(conn: psycopg.Connection) -> list[str]:
+    """image_versions' columns, in their stored order."""
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'inventory.image_versions'"
+            "::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+        )
+    ]
+
+
 def _partition_and_floor(
     conn: psycopg.Connection, label: str, ts: str, region: str, source: str, runs: int
 ) -> dict[str, Any]:
@@ -222,21 +252,14 @@ def _partition_and_floor(
     table to append), read with the same filters into the same columns (so PostgreSQL
     deforms and projects every row as it does for the form)."""
     columns = ", ".join(as_of_columns(conn))
-    where = "region_id = %s AND image_source = %s"
-    conn.execute(f"DROP TABLE IF EXISTS {_FLOOR_TABLE}")
-    conn.execute(
-        f"CREATE TABLE {_FLOOR_TABLE} AS SELECT * FROM inventory.image_versions"
-        f" WHERE {where} AND {_PERIOD}",
-        [region, source, ts, ts],
-    )
-    conn.execute(f"VACUUM ANALYZE {_FLOOR_TABLE}")
+    copy_versions(conn, _FLOOR_TABLE, stored_columns(conn), region, source, ts)
     forms = {
         f"partition@{label}": (
-            f"SELECT * FROM inventory.images_as_of(%s::timestamptz) WHERE {where}",
+            f"SELECT * FROM inventory.images_as_of(%s::timestamptz) WHERE {PARTITION}",
             [ts, region, source],
         ),
         f"partition_floor@{label}": (
-            f"SELECT {columns} FROM {_FLOOR_TABLE} WHERE {where} AND {_PERIOD}",
+            f"SELECT {columns} FROM {_FLOOR_TABLE} WHERE {PARTITION} AND {PERIOD}",
             [region, source, ts, ts],
         ),
     }
@@ -244,21 +267,25 @@ def _partition_and_floor(
     try:
         for _ in range(runs):
             for name, (sql, args) in forms.items():
-                measured[name].append(_explain(conn, sql, args))
+                measured[name].append(explain(conn, sql, args))
     finally:
         conn.execute(f"DROP TABLE {_FLOOR_TABLE}")
     result = {}
     for name, explained in measured.items():
-        times = sorted(r["ms"] for r in explained)
         result[name] = {
             **min(explained, key=lambda r: r["ms"]),
             "runs_ms": [r["ms"] for r in explained],
-            "median_ms": times[len(times) // 2],
+            "median_ms": statistics.median(r["ms"] for r in explained),
         }
     return result
 
 
-def _explain(conn: psycopg.Connection, sql: str, args: list[Any]) -> dict[str, Any]:
+_ACTUAL_ROWS = re.compile(r"actual [^)]*rows=(\d+)")
+
+
+def explain(conn: psycopg.Connection, sql: str, args: list[Any]) -> dict[str, Any]:
+    """``sql`` run under ``EXPLAIN (ANALYZE, BUFFERS)``: its execution time (``ms``), the
+    plan, its top line and the rows that node returned."""
     rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, SUMMARY ON) {sql}", args).fetchall()
     plan = "\n".join(r[0] for r in rows)
     ms = next(
@@ -267,7 +294,8 @@ def _explain(conn: psycopg.Connection, sql: str, args: list[Any]) -> dict[str, A
         if line.strip().startswith("Execution Time")
     )
     actual = plan.splitlines()[0]
-    return {"ms": ms, "plan": plan, "top": actual}
+    found = _ACTUAL_ROWS.search(actual)
+    return {"ms": ms, "plan": plan, "top": actual, "rows": int(found.group(1)) if found else None}
 
 
 def print_history(images: int, history: dict[str, Any]) -> None:

@@ -20,18 +20,16 @@ The tables (``public.pit_floor_*``) are dropped at the end.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 from typing import Any
 
 import psycopg
 
-from bench.history import as_of_columns
+from bench.history import PARTITION, PERIOD, as_of_columns, copy_versions, explain, stored_columns
 from bench.scenario import BIG_PARTITION
 
-_TABLES = ("pit_floor_as_stored", "pit_floor_disks_last", "pit_floor_no_disks")
-_ROWS = re.compile(r"actual [^)]*rows=(\d+)")
+_TABLES = ("public.pit_floor_as_stored", "public.pit_floor_disks_last", "public.pit_floor_no_disks")
 
 
 def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, Any]]:
@@ -39,49 +37,43 @@ def breakdown(database_url: str, moment: str, runs: int) -> dict[str, dict[str, 
     returned (``rows``)."""
     region, source = BIG_PARTITION.split("/")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        # As PostgreSQL reads it back: a valid moment, safe to write into the queries.
-        moment = conn.execute("SELECT CAST(%s AS timestamptz)::text", [moment]).fetchone()[0]  # type: ignore[index]
-        columns = as_of_columns(conn)
-        stored = [
-            row[0]
-            for row in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = 'inventory.image_versions'"
-                "::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
-            )
-        ]
+        columns, stored = as_of_columns(conn), stored_columns(conn)
         others = [c for c in stored if c != "disks"]
-        where = f"region_id = '{region}' AND image_source = '{source}'"
-        period = f"valid_to > '{moment}'::timestamptz AND valid_from <= '{moment}'::timestamptz"
         listed, without = ", ".join(columns), ", ".join(c for c in columns if c != "disks")
+        on_floor = [region, source, moment, moment]  # PARTITION, then PERIOD
+        as_stored, disks_last, no_disks = _TABLES
         queries = {
-            "floor_scan_only": "SELECT * FROM public.pit_floor_as_stored",
-            "floor_quals_only": f"SELECT * FROM public.pit_floor_as_stored WHERE {where} AND {period}",
-            "form": f"SELECT * FROM inventory.images_as_of('{moment}'::timestamptz) WHERE {where}",
-            "floor": f"SELECT {listed} FROM public.pit_floor_as_stored WHERE {where} AND {period}",
-            "floor_disks_last": f"SELECT {listed} FROM public.pit_floor_disks_last"
-            f" WHERE {where} AND {period}",
-            "floor_no_disks": f"SELECT {without} FROM public.pit_floor_no_disks"
-            f" WHERE {where} AND {period}",
+            "floor_scan_only": (f"SELECT * FROM {as_stored}", []),
+            "floor_quals_only": (
+                f"SELECT * FROM {as_stored} WHERE {PARTITION} AND {PERIOD}",
+                on_floor,
+            ),
+            "form": (
+                f"SELECT * FROM inventory.images_as_of(%s::timestamptz) WHERE {PARTITION}",
+                [moment, region, source],
+            ),
+            "floor": (f"SELECT {listed} FROM {as_stored} WHERE {PARTITION} AND {PERIOD}", on_floor),
+            "floor_disks_last": (
+                f"SELECT {listed} FROM {disks_last} WHERE {PARTITION} AND {PERIOD}",
+                on_floor,
+            ),
+            "floor_no_disks": (
+                f"SELECT {without} FROM {no_disks} WHERE {PARTITION} AND {PERIOD}",
+                on_floor,
+            ),
         }
         measured: dict[str, dict[str, Any]] = {name: {"ms": []} for name in queries}
         try:
             for table, order in zip(_TABLES, (stored, [*others, "disks"], others), strict=True):
-                conn.execute(f"DROP TABLE IF EXISTS public.{table}")
-                conn.execute(
-                    f"CREATE TABLE public.{table} AS SELECT {', '.join(order)}"
-                    f" FROM inventory.image_versions WHERE {where} AND {period}"
-                )
-                conn.execute(f"VACUUM ANALYZE public.{table}")
+                copy_versions(conn, table, order, region, source, moment)
             for _ in range(runs):
-                for name, sql in queries.items():
-                    plan = [r[0] for r in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")]
-                    measured[name]["ms"].append(
-                        float(plan[-1].split("Execution Time:")[1].split()[0])
-                    )
-                    measured[name]["rows"] = int(_ROWS.search(plan[0]).group(1))  # type: ignore[union-attr]
+                for name, (sql, args) in queries.items():
+                    explained = explain(conn, sql, args)
+                    measured[name]["ms"].append(explained["ms"])
+                    measured[name]["rows"] = explained["rows"]
         finally:
             for table in _TABLES:
-                conn.execute(f"DROP TABLE IF EXISTS public.{table}")
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
     return measured
 
 
